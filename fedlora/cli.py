@@ -1,0 +1,121 @@
+"""The ``fedlora`` command.
+
+    fedlora run [hydra overrides...] [-m]   run a federation (or a sweep with -m); --help lists the groups
+    fedlora resume <run_dir>                 continue a run that stopped, from its last completed round
+    fedlora ui [--port P] [--runs-root D]    the MLflow UI over the run store, on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = str(Path(__file__).parent / "configs")
+
+
+def _fail(msg: str) -> None:
+    print(f"fedlora: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _report(summary: dict, run_dir: Path, echo=print) -> None:
+    echo("")
+    echo(f"strategy {summary['strategy']}: {summary['rounds_completed']}/{summary['rounds_planned']} rounds "
+         f"in {summary['wall_time_s']:.0f}s")
+    accs = [h.get("global_accuracy") for h in summary["history"]]
+    if any(a is not None for a in accs):
+        echo("global accuracy per round: " + " ".join("-" if a is None else f"{a:.3f}" for a in accs))
+    pers = [h.get("personalized_accuracy") for h in summary["history"]]
+    if any(a is not None for a in pers):
+        echo("personalised accuracy per round: " + " ".join("-" if a is None else f"{a:.3f}" for a in pers))
+    if summary.get("delta") is not None:
+        echo(f"privacy: ε max {summary['epsilon_max']:.3f} at δ={summary['delta']:g} (per-client in summary.json)")
+    echo(f"bytes up {summary['bytes_up']:,} / down {summary['bytes_down']:,}")
+    ml = summary.get("mlflow") or {}
+    if ml.get("run_id"):
+        echo(f"mlflow run {ml['run_id']} in {ml['tracking_uri']}")
+        echo(f"open the UI: fedlora ui --runs-root {run_dir.parent}")
+    echo(f"run dir: {run_dir}")
+
+
+def _hydra_run(argv: list[str]) -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+    def main(cfg: DictConfig) -> None:
+        from fedlora.config import ConfigError
+        from fedlora.coordinator.run import apply_offline_env, prepare, run_federation
+
+        apply_offline_env()
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir).resolve()
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            plain = prepare(plain)
+        except ConfigError as e:
+            _fail(f"invalid config: {e}")
+        print(f"run dir: {run_dir}")
+        parent = None
+        if hc.mode is not None and hc.mode.name == "MULTIRUN":
+            from fedlora.coordinator.tracking import sweep_parent
+
+            parent = sweep_parent(plain, Path(hc.sweep.dir).resolve())
+        summary = run_federation(plain, run_dir, parent_run_id=parent)
+        _report(summary, run_dir)
+
+    sys.argv = ["fedlora run", *argv]
+    main()
+
+
+def _resume(argv: list[str]) -> None:
+    from fedlora.coordinator.run import load_run_config, run_federation
+
+    p = argparse.ArgumentParser(prog="fedlora resume", description="continue a stopped run from its last round")
+    p.add_argument("run_dir")
+    a = p.parse_args(argv)
+    run_dir = Path(a.run_dir).resolve()
+    try:
+        cfg = load_run_config(run_dir)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    if not (run_dir / "checkpoint.pt").exists():
+        _fail(f"{run_dir} has no checkpoint.pt: the run never completed a round; start it again with fedlora run")
+    summary = run_federation(cfg, run_dir)
+    _report(summary, run_dir)
+
+
+def _ui(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="fedlora ui", description="MLflow UI over the local run store (127.0.0.1)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--runs-root", default="runs", help="the runs_root of your federations (default: runs)")
+    a = p.parse_args(argv)
+    root = Path(a.runs_root).resolve()
+    db = root / "mlflow.db"
+    if not db.exists():
+        _fail(f"no MLflow store at {db}: run a federation first (fedlora run) or pass --runs-root")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(a.port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(root / "mlartifacts"),
+    ]
+    print(f"MLflow UI on http://127.0.0.1:{a.port} (store {db}); Ctrl-C stops it", flush=True)
+    os.execvpe(cmd[0], cmd, env)
+
+
+COMMANDS = {"run": _hydra_run, "resume": _resume, "ui": _ui}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

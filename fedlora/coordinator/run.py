@@ -1,0 +1,122 @@
+"""A federation's lifecycle: validate, place the coordinator on Ray, run Flower's simulation engine, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from fedlora.config import validate, validate_against_data
+
+log = logging.getLogger("fedlora.run")
+
+#: set in this process and passed to every Ray worker (simulated clients, the coordinator actor)
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+}
+
+
+def apply_offline_env() -> None:
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def prepare(cfg: dict) -> dict:
+    """Every check that needs the data (privacy vs client sizes, batch vs client sizes); returns the config
+    completed with derived values. Raises ``ConfigError`` naming the key before any federation work."""
+    from fedlora.clients.data import DataSpec, num_labels, partition_sizes
+
+    validate(cfg)
+    dspec = DataSpec.from_dict({**cfg["data"], "seed": cfg["seed"]})
+    sizes = partition_sizes(dspec, int(cfg["clients"]["num"]))
+    validate_against_data(cfg, sizes)
+    return {**cfg, "num_labels": num_labels(dspec), "client_train_sizes": sizes}
+
+
+def _ray_init(cfg: dict) -> None:
+    import ray
+
+    rt = cfg["runtime"]
+    runtime_env = {"env_vars": {**OFFLINE_ENV, "FEDLORA_TORCH_THREADS": str(rt.get("torch_threads") or 1)}}
+    if ray.is_initialized():
+        return
+    if rt["kind"] == "local":
+        ray.init(
+            address="local",
+            num_cpus=int(rt["num_cpus"]),
+            object_store_memory=int(rt["object_store_mb"]) * 1024 * 1024,
+            _memory=int(rt["memory_mb"]) * 1024 * 1024,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    else:
+        ray.init(address=rt["address"], runtime_env=runtime_env, logging_level=logging.WARNING)
+
+
+def run_federation(cfg: dict, run_dir: str | os.PathLike, *, parent_run_id: str | None = None, echo=print) -> dict:
+    """Run (or resume, when ``run_dir`` holds a checkpoint) one federation; return its summary."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    from fedlora.clients.app import app as client_app
+    from fedlora.coordinator.core import Coordinator
+    from fedlora.coordinator.server_app import make_server_app
+
+    apply_offline_env()
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = prepare(cfg) if "client_train_sizes" not in cfg else cfg
+    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    _write_yaml(cfg, run_dir / "config.yaml")
+
+    _ray_init(cfg)
+    actor_cls = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)
+    coord = actor_cls.options(name=f"coordinator-{run_dir.name}", namespace="fedlora").remote(cfg, str(run_dir), parent_run_id)
+    outcome: dict = {}
+    server_app = make_server_app(coord, num_nodes=int(cfg["clients"]["num"]), timeout_s=float(cfg["round_timeout_s"]), outcome=outcome)
+    backend_config = {"client_resources": {"num_cpus": float(cfg["clients"]["cpus"]), "num_gpus": 0.0}, "init_args": {}}
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=int(cfg["clients"]["num"]),
+            backend_name="ray",
+            backend_config=backend_config,
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    if "error" in outcome:
+        raise RuntimeError(f"federation failed: {outcome['error']}") from outcome["error"]
+    if "summary" not in outcome:
+        raise RuntimeError(f"federation ended without a result; see the log above and {run_dir}")
+    return outcome["summary"]
+
+
+def _write_yaml(cfg: dict, path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+
+
+def load_run_config(run_dir: str | os.PathLike) -> dict:
+    p = Path(run_dir) / "config.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found: is {run_dir} a fedlora run directory?")
+    return json.loads(p.read_text())

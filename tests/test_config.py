@@ -1,0 +1,84 @@
+"""Bad overrides fail before any work starts, naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fedlora.config import ConfigError, validate, validate_against_data
+from tests.conftest import compose
+
+
+def test_default_config_is_valid():
+    cfg = compose()
+    validate(cfg)
+    assert cfg["strategy"]["name"] in ("ffa", "fedsvd")
+    assert cfg["privacy"]["enabled"] is True
+    assert cfg["data"]["name"] == "rt_polarity"
+
+
+@pytest.mark.parametrize(
+    "override, key, hint",
+    [
+        ("rounds=0", "rounds", "> 0"),
+        ("rounds=-3", "rounds", "> 0"),
+        ("clients.per_round=11", "clients.per_round", "<= clients.num"),
+        ("data.alpha=0", "data.alpha", "> 0"),
+        ("data.alpha=-1", "data.alpha", "> 0"),
+        ("privacy.epsilon=0", "privacy.epsilon", "> 0"),
+        ("privacy.delta=0", "privacy.delta", "> 0"),
+        ("privacy.clip=-1", "privacy.clip", "> 0"),
+        ("privacy.accountant=gdp", "privacy.accountant", "allowed values"),
+        ("strategy.weighting=median", "strategy.params", "allowed values"),
+        ("+clients.bitwidths.3=0.5", "clients.bitwidths", "ladder"),
+        ("data.partitioner=shard", "data.partitioner", "allowed values"),
+        ("clients.batch_size=0", "clients.batch_size", ">= 1"),
+        ("strategy.lr=0", "strategy.lr", "> 0"),
+        ("+strategy.params.bogus=1", "strategy.params", "unknown parameters"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key(override, key, hint):
+    cfg = compose([override])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert e.value.key == key
+    assert hint in str(e.value)
+
+
+def test_unknown_strategy_name_lists_allowed():
+    cfg = compose()
+    cfg["strategy"]["name"] = "fedprox"
+    with pytest.raises(ConfigError, match=r"allowed values are \[.*'fedavg'.*'ffa'"):
+        validate(cfg)
+
+
+def test_privacy_checks_against_client_sizes():
+    cfg = compose(["privacy.delta=0.03"])
+    validate(cfg)
+    with pytest.raises(ConfigError, match="privacy.delta.*smallest client has n_k=50"):
+        validate_against_data(cfg, [400, 50])
+    cfg = compose(["clients.batch_size=64"])
+    with pytest.raises(ConfigError, match="clients.batch_size"):
+        validate_against_data(cfg, [400, 50])
+    validate_against_data(compose(), [400, 500])
+
+
+def test_cli_refuses_bad_override_before_any_work(tmp_path):
+    """The real command: exits 2 with the key named, and starts nothing (no run directory content)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "run", "clients.per_round=50", f"runs_root={tmp_path}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "clients.per_round" in r.stderr and "clients.num" in r.stderr
+    assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob("config.json"))
+
+
+def test_cli_help_lists_groups():
+    r = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", "--help"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0
+    for group in ("strategy:", "privacy:", "data:", "model:", "clients:", "runtime:", "tracking:"):
+        assert group in r.stdout
+    assert "fedavg" in r.stdout and "rt_polarity" in r.stdout
