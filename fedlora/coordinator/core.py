@@ -45,7 +45,10 @@ class Coordinator:
         from fedlora.clients.data import DataSpec, global_split, tokenize
         from fedlora.clients.model import ModelSpec, adapter_state, build_model, load_tokenizer
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        from fedlora.coordinator.run import quiet_logs
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        quiet_logs()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,22 @@ def apply_offline_env() -> None:
         os.environ.setdefault(k, v)
 
 
+class _DropDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage()
+
+
+def quiet_logs() -> None:
+    """Keep the console to our progress lines: libraries speak only on warnings (and Flower's
+    run_simulation deprecation notice, which we know about, not at all)."""
+    for name in ("alembic", "mlflow", "flwr", "ray", "datasets", "transformers", "peft", "opacus"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    for h in [*flwr_log.handlers, *logging.getLogger().handlers]:
+        h.addFilter(_DropDeprecation())
+    flwr_log.addFilter(_DropDeprecation())
+
+
 def prepare(cfg: dict) -> dict:
     """Every check that needs the data (privacy vs client sizes, batch vs client sizes); returns the config
     completed with derived values. Raises ``ConfigError`` naming the key before any federation work."""
@@ -78,7 +94,7 @@ def run_federation(cfg: dict, run_dir: str | os.PathLike, *, parent_run_id: str 
     from fedlora.coordinator.server_app import make_server_app
 
     apply_offline_env()
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    quiet_logs()
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = prepare(cfg) if "client_train_sizes" not in cfg else cfg
