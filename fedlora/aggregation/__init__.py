@@ -1,6 +1,6 @@
 """Server-side aggregation strategies: pure maths on named adapter tensors, registered by name."""
 
-from fedlora.aggregation import fedavg, ffa  # noqa: F401  (registration)
+from fedlora.aggregation import fedavg, fedsa, fedsvd, ffa  # noqa: F401  (registration)
 from fedlora.aggregation.base import (
     ClientUpdate,
     Strategy,

@@ -136,3 +136,46 @@ def load_run_config(run_dir: str | os.PathLike) -> dict:
     if not p.exists():
         raise FileNotFoundError(f"{p} not found: is {run_dir} a fedlora run directory?")
     return json.loads(p.read_text())
+
+
+def run_inprocess(cfg: dict, run_dir: str | os.PathLike, *, echo=print) -> dict:
+    """The same coordinator and client code, driven in one process without Flower or Ray transport.
+
+    For benchmarks and sweeps that compare aggregation methods many times on a 2-core box; the product path
+    (``fedlora run``) always goes through Flower on Ray.
+    """
+    from fedlora.clients import worker
+    from fedlora.clients.state import ClientStore
+    from fedlora.coordinator.core import Coordinator
+
+    apply_offline_env()
+    quiet_logs()
+    cfg = prepare(cfg) if "client_train_sizes" not in cfg else cfg
+    coord = Coordinator(cfg, str(run_dir))
+    spec = json.loads(coord.spec())
+    ctxs = {i: worker.context(spec, i) for i in range(int(cfg["clients"]["num"]))}
+    stores = {i: ClientStore(spec["state_root"], c.client_id) for i, c in ctxs.items()}
+    coord.register({i: worker.hello(ctxs[i], stores[i]) for i in ctxs})
+
+    def deliver(plans, fn):
+        out = []
+        for p in plans:
+            i = p["node_id"]
+            try:
+                res = fn(ctxs[i], stores[i], p["tensors"], json.loads(p["meta"]))
+            except Exception as e:  # noqa: BLE001 - a failing client costs its contribution, as in Flower
+                out.append({"node_id": i, "error": f"{type(e).__name__}: {e}"})
+                continue
+            out.append({"node_id": i, "error": None, **res})
+        return out
+
+    def train(ctx, store, payload, meta):
+        up, metrics, info = worker.train(ctx, store, payload, meta)
+        return {"update": up, "metrics": metrics, "info": info}
+
+    while plans := coord.plan_round():
+        nxt = coord.finish_round(deliver(plans, train))
+        if nxt["evaluate_clients"]:
+            coord.finish_evaluate(deliver(coord.plan_evaluate(), lambda *a: {"metrics": worker.evaluate(*a)}))
+        echo(coord.end_round())
+    return coord.finish()
