@@ -78,7 +78,9 @@ def _model_entry(cfg: dict):
 
 
 def client_bits(cfg: dict, index: int) -> int:
-    mix = {int(k): float(v) for k, v in cfg["clients"]["bitwidths"].items()}
+    from fedlora.config import fleet_mix
+
+    mix = fleet_mix(cfg)
     if set(mix) == {32}:
         return 32
     from fedlora.aggregation.bitwidth import fleet_bitwidths
@@ -192,6 +194,7 @@ def train(ctx: ClientContext, store, payload: Tensors, meta: dict) -> tuple[Tens
         steps=ctx.cfg["clients"]["local_steps"],
         batch_size=ctx.cfg["clients"]["batch_size"],
         lr=ctx.cfg["strategy"]["lr"],
+        optimizer=ctx.cfg["strategy"]["optimizer"],
         seed=ctx.cfg["seed"] * 1_000_003 + rnd * 1009 + ctx.index,
         pad_id=ctx.pad_id,
         privacy=privacy,

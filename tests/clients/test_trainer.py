@@ -135,6 +135,26 @@ def test_dp_with_huge_epsilon_learns_like_plain_sgd(model):
         assert acc >= acc_plain - 0.05, (mode, acc, acc_plain)  # ... and so does DP-SGD at huge ε
 
 
+@pytest.mark.parametrize("dp", [False, True])
+def test_adam_learns_with_and_without_dp(model, dp):
+    """The default client optimizer: Adam (wrapped by Opacus' DPOptimizer under DP) solves the task."""
+    train, test = first_token_task(200, 0), first_token_task(200, 1)
+    set_trainable(model, B_AND_HEAD)
+    kw = {}
+    if dp:
+        s = _dp("lora_fast", epsilon=1e12, noise_multiplier=1e-3, clip=10.0)
+        kw = dict(privacy=s, ledger=_ledger(s, 200, 20, rounds=1, steps=40))
+    res = train_local(model, train, steps=40, batch_size=20, lr=0.02, seed=0, pad_id=0, optimizer="adam", **kw)
+    assert res.declined is None and res.steps == 40
+    assert evaluate(model, test, pad_id=0)["accuracy"] >= 0.95
+
+
+def test_unknown_optimizer_is_refused(model):
+    set_trainable(model, FFA)
+    with pytest.raises(ValueError, match=r"strategy.optimizer='lbfgs'.*allowed values"):
+        train_local(model, first_token_task(10, 0), steps=1, batch_size=2, lr=0.1, seed=0, pad_id=0, optimizer="lbfgs")
+
+
 def test_model_is_reusable_after_dp_rounds(model):
     set_trainable(model, FFA)
     data = first_token_task(40, 2)
