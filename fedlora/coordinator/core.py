@@ -32,7 +32,9 @@ SUMMARY = "summary.json"
 
 def _make_strategy(cfg: dict):
     strategy = worker.make_strategy(cfg)
-    mix = {int(k): float(v) for k, v in cfg["clients"]["bitwidths"].items()}
+    from fedlora.config import fleet_mix
+
+    mix = fleet_mix(cfg)
     if set(mix) != {32}:
         from fedlora.aggregation.bitwidth import BitwidthAggregator
 
@@ -287,6 +289,33 @@ class Coordinator:
         row["personalized_accuracy"] = sum(a * n for a, n in zip(accs, ns)) / sum(ns) if ns else None
         row["personalized_accuracy_unweighted"] = _mean(accs)
         row["personalized_clients"] = len(accs)
+        ref = self.evaluate_reference_global()
+        if ref is not None:
+            row["reference_global_accuracy"], row["reference_global_loss"] = ref["accuracy"], ref["loss"]
+            row["reference_global_label"] = ref["label"]
+
+    def evaluate_reference_global(self) -> dict | None:
+        """Personalised strategies (FedSA-LoRA): the *reference* global model — global A plus the data-weighted
+        mean of the clients' personal B and head — on the server's test split.
+
+        Only in simulation, where the simulated clients' stores lie in this run directory: it is an evaluation
+        oracle read from disk, never a message (B does not leave a client). None when no store is readable
+        (deployment: the state is on the devices)."""
+        if not hasattr(self.strategy, "reference_global"):
+            return None
+        from fedlora.aggregation.fedsa import REFERENCE_LABEL
+        from fedlora.clients.state import ClientStore
+
+        personal, weights = [], []
+        for h in sorted(self.nodes.values(), key=lambda h: h["client_id"]):
+            p = ClientStore(self.run_dir / "clients", h["client_id"]).load_personal()
+            if p:
+                personal.append(p)
+                weights.append(float(h["n_train"]))
+        if not personal:
+            return None
+        out = self._evaluate_state(self.strategy.reference_global(self.global_state, personal, weights))
+        return {**out, "label": REFERENCE_LABEL, "clients": len(personal)}
 
     def end_round(self) -> str:
         """Global evaluation, tracking, checkpoint and summary for the round just finished; a progress line."""
@@ -296,6 +325,9 @@ class Coordinator:
         if self.strategy.has_global_model and self._eval_round(rnd):
             ev = self.evaluate_global()
             row["global_accuracy"], row["global_loss"] = ev["accuracy"], ev["loss"]
+            low = sorted({int(h.get("bits", 32)) for h in self.nodes.values()} - {32}, reverse=True)
+            if low:  # what each low-bit device class holds: the global adapter re-quantised to its bitwidth
+                row["global_accuracy_by_bits"] = {b: self.evaluate_global(bits=b)["accuracy"] for b in low}
         row["eval_s"] = time.perf_counter() - t_eval0
         eps = {cid: float(l["epsilon"]) for cid, l in self.ledgers.items()}
         row["epsilon_max"] = max(eps.values(), default=0.0)
@@ -316,7 +348,8 @@ class Coordinator:
 
     def _round_metrics(self, row: dict) -> dict[str, float]:
         m: dict[str, Any] = {}
-        for k in ("global_accuracy", "global_loss", "personalized_accuracy", "personalized_accuracy_unweighted"):
+        for k in ("global_accuracy", "global_loss", "personalized_accuracy", "personalized_accuracy_unweighted",
+                  "reference_global_accuracy", "reference_global_loss"):
             if row.get(k) is not None:
                 m[k.replace("global_", "global/").replace("personalized_", "personalized/")] = row[k]
         for k in ("sampled", "reported", "failed", "dropped", "rejected", "declined"):
@@ -327,6 +360,8 @@ class Coordinator:
         m["bytes/up"], m["bytes/down"] = row["bytes_up"], row["bytes_down"]
         for k in ("round_s", "client_compute_s", "aggregate_s", "eval_s", "overhead_s"):
             m[f"time/{k}"] = row[k]
+        for b, acc in (row.get("global_accuracy_by_bits") or {}).items():
+            m[f"global/accuracy_{b}bit"] = acc
         m["epsilon/max"] = row["epsilon_max"]
         for cid, e in row["epsilon_per_client"].items():
             m[f"client/{cid}/epsilon"] = e
@@ -343,6 +378,8 @@ class Coordinator:
             parts.append(f"global acc {row['global_accuracy']:.4f} loss {row['global_loss']:.4f}")
         if row.get("personalized_accuracy") is not None:
             parts.append(f"personalised acc {row['personalized_accuracy']:.4f}")
+        if row.get("reference_global_accuracy") is not None:
+            parts.append(f"reference-global acc {row['reference_global_accuracy']:.4f}")
         parts.append(f"clients {row['reported']}/{row['sampled']} reported")
         for k in ("failed", "rejected", "declined", "dropped"):
             if row[k]:
@@ -359,11 +396,22 @@ class Coordinator:
 
         load_adapter_state(self.model, {**self.init_adapter, **self.global_state})
 
-    def evaluate_global(self) -> dict:
+    def _evaluate_state(self, state: Tensors) -> dict:
+        """The model with adapter ``state`` (over the seeded init) on the server's test split."""
+        from fedlora.clients.model import load_adapter_state
         from fedlora.clients.trainer import evaluate
 
-        self._load_global()
+        load_adapter_state(self.model, {**self.init_adapter, **state})
         return evaluate(self.model, self.test, pad_id=self.pad_id)
+
+    def evaluate_global(self, bits: int = 32) -> dict:
+        """The global model on the server's test split; ``bits`` < 32: as a client of that bitwidth holds it."""
+        state = self.global_state
+        if bits != 32:
+            from fedlora.aggregation.quant import fake_quantize
+
+            state = {k: fake_quantize(v, bits) for k, v in state.items()}
+        return self._evaluate_state(state)
 
     def summary(self) -> dict:
         last_global = next((h["global_accuracy"] for h in reversed(self.history) if h.get("global_accuracy") is not None), None)
@@ -375,6 +423,8 @@ class Coordinator:
             "rounds_planned": int(self.cfg["rounds"]),
             "global_accuracy": last_global if self.strategy.has_global_model else None,
             "personalized_accuracy": last_pers,
+            "reference_global_accuracy": next((h["reference_global_accuracy"] for h in reversed(self.history)
+                                               if h.get("reference_global_accuracy") is not None), None),
             "history": [{k: v for k, v in h.items() if k != "clients"} for h in self.history],
             "epsilon_max": max(eps.values(), default=0.0),
             "epsilon_per_client": eps,

@@ -1,0 +1,47 @@
+"""Whole federations driven in-process (the coordinator and client code `fedlora run` uses, no transport)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora.aggregation.base import LORA_A, kind_of
+from fedlora.coordinator.run import run_inprocess
+
+
+@pytest.fixture
+def run(tiny_cfg, tmp_path):
+    count = iter(range(100))
+
+    def go(*overrides: str) -> dict:  # a fresh run directory per federation (an existing one would resume)
+        return run_inprocess(tiny_cfg(*overrides), tmp_path / f"run{next(count)}", echo=lambda *_: None)
+
+    return go
+
+
+def test_fedsa_reports_personalised_and_labelled_reference_global(run, tiny_cfg):
+    s = run("strategy=fedsa")
+    assert s["global_accuracy"] is None  # no global model
+    last = s["history"][-1]
+    assert 0.0 <= s["personalized_accuracy"] <= 1.0 and last["personalized_clients"] == 4
+    assert 0.0 <= last["personalized_accuracy_unweighted"] <= 1.0
+    assert s["reference_global_accuracy"] == last["reference_global_accuracy"]
+    assert "reference" in last["reference_global_label"]
+    # bytes up: A only — per reporting client, the size of every lora_A tensor in fp32
+    from fedlora.clients import worker
+
+    from fedlora.coordinator.run import prepare
+
+    ctx = worker.context({**prepare(tiny_cfg("strategy=fedsa")), "state_root": "unused"}, 0)
+    a_bytes = sum(v.numel() * 4 for k, v in ctx.init_adapter.items() if kind_of(k) == LORA_A)
+    assert all(h["bytes_up"] == h["reported"] * a_bytes for h in s["history"])
+
+
+def test_mixed_fleet_reports_accuracy_per_device_class_and_smaller_uploads(run):
+    full = run("strategy=ffa", "rounds=1", "clients.per_round=4")
+    mixed = run("strategy=ffa", "rounds=1", "clients.per_round=4", "clients.bitwidths={32: 0.5, 4: 0.5}")
+    by_bits = mixed["history"][-1]["global_accuracy_by_bits"]
+    assert set(by_bits) == {4} and 0.0 <= by_bits[4] <= 1.0
+    assert "global_accuracy_by_bits" not in full["history"][-1]
+    per_client_full = full["history"][0]["bytes_up"] / full["history"][0]["reported"]
+    assert mixed["history"][0]["bytes_up"] < mixed["history"][0]["reported"] * per_client_full
+
