@@ -4,11 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-BITWIDTHS = (32, 16, 8, 4, 2)
-ACCOUNTANTS = ("prv", "rdp")
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
-BITWIDTH_METHODS = ("naive", "grouped", "progressive")
+from fedlora.aggregation.bitwidth import METHODS as BITWIDTH_METHODS
+from fedlora.aggregation.quant import BITWIDTHS
+from fedlora.clients.trainer import OPTIMIZERS
+from fedlora.privacy.calibrate import ACCOUNTANTS, GRAD_SAMPLE_MODES
+
 RUNTIMES = ("local", "ray_cluster")
+
+
+def fleet_mix(cfg: dict) -> dict[int, float]:
+    """``clients.bitwidths`` as {bits: fraction}; null (the default) means an all-32-bit fleet."""
+    mix = cfg["clients"].get("bitwidths")
+    if mix is None:
+        return {32: 1.0}
+    if not isinstance(mix, dict):
+        raise ConfigError("clients.bitwidths", f"got {mix!r}; expected a mapping such as '{{32: 0.5, 4: 0.5}}'")
+    try:
+        return {int(k): float(v) for k, v in mix.items()}
+    except (TypeError, ValueError):
+        raise ConfigError("clients.bitwidths", f"got {mix!r}; keys must be bitwidths in {list(BITWIDTHS)} and "
+                                               "values fractions") from None
 
 
 class ConfigError(ValueError):
@@ -64,6 +79,7 @@ def validate(cfg: dict) -> None:
 
     name = _choice(cfg, "strategy.name", aggregation.available())
     _number(cfg, "strategy.lr", gt=0)
+    _choice(cfg, "strategy.optimizer", OPTIMIZERS)
     try:
         aggregation.create(
             name,
@@ -86,11 +102,11 @@ def validate(cfg: dict) -> None:
     _number(cfg, "clients.cpus", gt=0)
     _number(cfg, "clients.max_update_norm", gt=0)
     _choice(cfg, "clients.bitwidth_method", BITWIDTH_METHODS)
-    mix = _get(cfg, "clients.bitwidths") or {}
+    mix = fleet_mix(cfg)
     bad = [b for b in mix if int(b) not in BITWIDTHS]
     if not mix or bad:
         raise ConfigError("clients.bitwidths", f"bitwidths {bad or '(empty)'} not in the ladder {list(BITWIDTHS)}")
-    if any(float(f) < 0 for f in mix.values()) or abs(sum(float(f) for f in mix.values()) - 1.0) > 1e-6:
+    if any(f < 0 for f in mix.values()) or abs(sum(mix.values()) - 1.0) > 1e-6:
         raise ConfigError("clients.bitwidths", f"fractions {dict(mix)} must be >= 0 and sum to 1")
 
     data_name = _choice(cfg, "data.name", list(PACKAGED) + ["local", "hf"])
@@ -128,19 +144,14 @@ def validate(cfg: dict) -> None:
 
 def validate_against_data(cfg: dict, train_sizes: list[int]) -> None:
     """Checks that need the clients' dataset sizes (known before training in simulation)."""
+    from fedlora.privacy.calibrate import DPSettings, check_dp_settings
+
     batch = cfg["clients"]["batch_size"]
     smallest = min(train_sizes)
     if cfg["privacy"]["enabled"]:
-        delta = cfg["privacy"]["delta"]
-        if delta >= 1.0 / smallest:
-            raise ConfigError(
-                "privacy.delta",
-                f"{delta} must be < 1/n_k for every client; the smallest client has n_k={smallest} records, "
-                f"so use privacy.delta <= {1.0 / smallest / 10:.1e} or fewer clients (clients.num)",
-            )
-        if batch > smallest:
-            raise ConfigError(
-                "clients.batch_size",
-                f"{batch} exceeds the smallest client's {smallest} training records (q = batch/n_k must be < 1); "
-                "lower clients.batch_size, lower clients.num, or raise data.alpha",
-            )
+        try:
+            check_dp_settings(DPSettings.from_dict(cfg["privacy"]), n=smallest, batch_size=batch)
+        except ValueError as e:
+            key = str(e).split("=", 1)[0] if str(e).startswith(("privacy.", "clients.")) else "privacy"
+            raise ConfigError(key, f"{e} (the smallest client has n_k={smallest} training records; fewer clients "
+                                   "(clients.num) give bigger ones, or try another seed / data.alpha)") from None

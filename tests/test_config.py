@@ -14,8 +14,9 @@ from tests.conftest import compose
 def test_default_config_is_valid():
     cfg = compose()
     validate(cfg)
-    assert cfg["strategy"]["name"] in ("ffa", "fedsvd")
-    assert cfg["privacy"]["enabled"] is True
+    assert cfg["strategy"]["name"] == "fedsvd"
+    assert cfg["privacy"]["enabled"] is False  # README, "What the default run does": why DP is opt-in here
+    assert compose(["privacy=dp"])["privacy"]["enabled"] is True
     assert cfg["data"]["name"] == "rt_polarity"
 
 
@@ -32,15 +33,18 @@ def test_default_config_is_valid():
         ("privacy.clip=-1", "privacy.clip", "> 0"),
         ("privacy.accountant=gdp", "privacy.accountant", "allowed values"),
         ("strategy.weighting=median", "strategy.params", "allowed values"),
-        ("+clients.bitwidths.3=0.5", "clients.bitwidths", "ladder"),
+        ("clients.bitwidths={32: 0.5, 3: 0.5}", "clients.bitwidths", "ladder"),
+        ("clients.bitwidths={32: 0.5, 4: 0.6}", "clients.bitwidths", "sum to 1"),
         ("data.partitioner=shard", "data.partitioner", "allowed values"),
         ("clients.batch_size=0", "clients.batch_size", ">= 1"),
         ("strategy.lr=0", "strategy.lr", "> 0"),
+        ("strategy.optimizer=rmsprop", "strategy.optimizer", "allowed values"),
+        ("privacy.grad_sample_mode=functorch", "privacy.grad_sample_mode", "allowed values"),
         ("+strategy.params.bogus=1", "strategy.params", "unknown parameters"),
     ],
 )
 def test_bad_values_are_refused_with_the_key(override, key, hint):
-    cfg = compose([override])
+    cfg = compose(["privacy=dp", override] if override.startswith("privacy.") else [override])
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert e.value.key == key
@@ -55,14 +59,14 @@ def test_unknown_strategy_name_lists_allowed():
 
 
 def test_privacy_checks_against_client_sizes():
-    cfg = compose(["privacy.delta=0.03"])
+    cfg = compose(["privacy=dp", "privacy.delta=0.03"])
     validate(cfg)
     with pytest.raises(ConfigError, match="privacy.delta.*smallest client has n_k=50"):
         validate_against_data(cfg, [400, 50])
-    cfg = compose(["clients.batch_size=64"])
+    cfg = compose(["privacy=dp", "clients.batch_size=64"])
     with pytest.raises(ConfigError, match="clients.batch_size"):
         validate_against_data(cfg, [400, 50])
-    validate_against_data(compose(), [400, 500])
+    validate_against_data(compose(["privacy=dp"]), [400, 500])
 
 
 def test_cli_refuses_bad_override_before_any_work(tmp_path):
