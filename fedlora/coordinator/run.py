@@ -24,6 +24,8 @@ OFFLINE_ENV = {
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "RAY_DEDUP_LOGS": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
 }
@@ -86,6 +88,8 @@ def _ray_init(cfg: dict) -> None:
 
 def run_federation(cfg: dict, run_dir: str | os.PathLike, *, parent_run_id: str | None = None, echo=print) -> dict:
     """Run (or resume, when ``run_dir`` holds a checkpoint) one federation; return its summary."""
+    apply_offline_env()
+    quiet_logs()  # before importing Flower: it imports alembic, which logs its plugins at INFO on import
     import ray
     from flwr.simulation import run_simulation
 
@@ -93,8 +97,7 @@ def run_federation(cfg: dict, run_dir: str | os.PathLike, *, parent_run_id: str 
     from fedlora.coordinator.core import Coordinator
     from fedlora.coordinator.server_app import make_server_app
 
-    apply_offline_env()
-    quiet_logs()
+    quiet_logs()  # again: importing Flower set its own logger to DEBUG
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = prepare(cfg) if "client_train_sizes" not in cfg else cfg

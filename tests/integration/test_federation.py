@@ -30,8 +30,9 @@ def run_cli(*args: str, timeout: int = 600) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    overrides = [o for o in TINY if not o.startswith(("tracking=", "rounds="))]
-    run_dir, out = run_cli("run", *overrides, "rounds=3", "tracking=mlflow", f"runs_root={root}", "strategy=ffa")
+    overrides = [o for o in TINY if not o.startswith(("tracking=", "rounds=", "privacy="))]
+    run_dir, out = run_cli("run", *overrides, "rounds=3", "tracking=mlflow", f"runs_root={root}", "strategy=ffa",
+                           "privacy=dp", "privacy.epsilon=50")
     return run_dir, out, json.loads((run_dir / "summary.json").read_text())
 
 
@@ -46,6 +47,14 @@ def test_summary_is_complete(fed):
     assert s["mlflow"]["run_id"] and s["mlflow"]["tracking_uri"].startswith("sqlite:///")
     assert all(h["reported"] == 2 and h["failed"] == h["rejected"] == 0 for h in s["history"])
     assert "round 3/3" in out and "global accuracy per round" in out and "fedlora ui" in out
+    # DP: every client that trained has a ledger; ε per client per round, the max never above the target
+    eps = s["epsilon_per_client"]
+    assert eps and all(0 < e <= 50 for e in eps.values()) and s["epsilon_max"] == max(eps.values())
+    assert s["delta"] == pytest.approx(1e-5)
+    assert all(h["epsilon_max"] == max(h["epsilon_per_client"].values()) for h in s["history"])
+    assert [h["epsilon_max"] for h in s["history"]] == sorted(h["epsilon_max"] for h in s["history"])
+    for cid, led in s["privacy"]["ledgers"].items():
+        assert led["accountant"] == "prv" and led["steps"] % 3 == 0 and led["epsilon"] == eps[cid]
 
 
 def test_mlflow_run_holds_round_metrics_and_adapter(fed):
@@ -60,6 +69,10 @@ def test_mlflow_run_holds_round_metrics_and_adapter(fed):
                  "clients/rejected", "bytes/up", "bytes/down", "time/round_s", "client_loss/mean"):
         hist = client.get_metric_history(run.info.run_id, name)
         assert sorted(m.step for m in hist) == [1, 2, 3], name
+    for cid, e in s["epsilon_per_client"].items():
+        hist = client.get_metric_history(run.info.run_id, f"client/{cid}/epsilon")
+        assert hist and max(m.value for m in hist) == pytest.approx(e)
+    assert len(client.get_metric_history(run.info.run_id, "epsilon/max")) == 3
     acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "global/accuracy")}
     assert acc[3] == pytest.approx(s["global_accuracy"])
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
