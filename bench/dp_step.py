@@ -4,7 +4,7 @@ FFA-style: only lora_B trained, head frozen. Batch 32 × seq 128 of random token
 (round-robin, rotated, so machine load hits all alike): plain SGD, Opacus hooks, Opacus ghost clipping, and our
 ``lora_fast`` engine. Prints a table, then as the last line a JSON object.
 
-    .venv/bin/python bench/dp_step.py [--steps 5] [--batch 32] [--seq 128] [--threads 2]
+    .venv/bin/python bench/dp_step.py [--steps 5] [--batch 32] [--seq 128] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=ModelSpec().name_or_path)
+    ap.add_argument("--quick", action="store_true", help="under a minute: 1 timed step per path at seq 64")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.seq = 1, 64
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()

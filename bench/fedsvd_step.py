@@ -168,8 +168,13 @@ def main() -> None:
     ap.add_argument("--llama-dense", choices=("time", "extrapolate"), default="time",
                     help="time: time one dense 4096² SVD, stopped when --budget-s runs out (then a lower bound)")
     ap.add_argument("--budget-s", type=float, default=170.0, help="overall wall-time budget")
+    ap.add_argument("--quick", action="store_true",
+                    help="under a minute: 2 repeats, 1 dense RoBERTa layer, 4 lowrank LLaMA layers, LLaMA dense extrapolated")
     ap.add_argument("--_dense-one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.dense_layers, args.lowrank_layers, args.llama_dense = 2, 1, 4, "extrapolate"
+        args.budget_s = min(args.budget_s, 50.0)
     if args._dense_one:
         return _dense_one(*args._dense_one)
     torch.set_num_threads(args.threads)
