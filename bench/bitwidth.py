@@ -29,7 +29,7 @@ from compare import QUICK, fmt, mean_std, run_grid  # noqa: E402
 FLEETS = {"50% 32-bit / 50% 4-bit": "{32: 0.5, 4: 0.5}", "4-way 32/16/8/4": "{32: 0.25, 16: 0.25, 8: 0.25, 4: 0.25}"}
 FLEET_NAMES = {"half": "50% 32-bit / 50% 4-bit", "4way": "4-way 32/16/8/4"}
 METHODS = ("naive", "grouped", "progressive")
-DEFAULT_SET = ["strategy=ffa", "clients.num=8", "clients.per_round=4", "rounds=5", "clients.local_steps=4",
+DEFAULT_SET = ["strategy=ffa", "clients.num=8", "clients.per_round=4", "rounds=5", "eval_every=5", "clients.local_steps=3",
                "model.max_length=32", "privacy=none"]
 
 

@@ -96,3 +96,23 @@ def test_saved_adapter_reproduces_logged_accuracy(fed):
     out = evaluate(model, tokenize(list(test), tok, spec.max_length), pad_id=tok.pad_token_id)
     assert out["accuracy"] == pytest.approx(s["global_accuracy"], abs=1e-9)
     assert out["loss"] == pytest.approx(s["history"][-1]["global_loss"], rel=1e-4)
+
+
+def test_sweep_gives_one_mlflow_run_per_point_under_one_parent(tmp_path):
+    """`fedlora run -m`: Hydra multirun, each point a full federation through Ray + Flower, grouped in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    overrides = [o for o in TINY if not o.startswith(("tracking=", "rounds="))]
+    r = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "run", "-m", *overrides, "rounds=1", "tracking=mlflow",
+         f"runs_root={tmp_path}", "strategy=ffa,fedsvd"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("sweep-*/*/summary.json"))]
+    assert sorted(s["strategy"] for s in summaries) == ["fedsvd", "ffa"]
+    assert all(s["rounds_completed"] == 1 and s["global_accuracy"] is not None for s in summaries)
+    client = MlflowClient(tracking_uri=summaries[0]["mlflow"]["tracking_uri"])
+    parents = {client.get_run(s["mlflow"]["run_id"]).data.tags.get("mlflow.parentRunId") for s in summaries}
+    assert len(parents) == 1 and None not in parents
+    assert client.get_run(parents.pop()).data.tags["fedlora.sweep_dir"].startswith(str(tmp_path))
