@@ -26,19 +26,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from fedlora.config import compose
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["model=tiny_bert", "data.max_examples=600", "clients.num=4", "clients.per_round=2", "clients.local_steps=3",
          "clients.batch_size=16", "rounds=2", "model.max_length=32"]
-
-
-def _compose(overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from fedlora.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
 
 
 def one_run(overrides: list[str]) -> dict:
@@ -50,7 +42,7 @@ def one_run(overrides: list[str]) -> dict:
     from fedlora.coordinator.run import run_inprocess
 
     with tempfile.TemporaryDirectory(prefix="fedlora-compare-") as d:
-        cfg = _compose([*overrides, "tracking=none", f"runs_root={d}", "runtime.torch_threads=1", "runtime.num_cpus=1"])
+        cfg = compose([*overrides, "tracking=none", f"runs_root={d}", "runtime.torch_threads=1", "runtime.num_cpus=1"])
         t0 = time.perf_counter()
         s = run_inprocess(cfg, Path(d) / "run", echo=lambda *_: None)
         last = s["history"][-1]
@@ -97,7 +89,7 @@ def run_grid(points: list[list[str]], seeds: list[int], base: list[str], jobs: i
     from fedlora.config import validate
 
     for ov in todo:
-        validate(_compose(ov))
+        validate(compose(ov))
     if jobs <= 1:
         return [one_run(ov) for ov in todo]
     with ProcessPoolExecutor(max_workers=jobs) as ex:

@@ -12,6 +12,19 @@ from fedlora.privacy.calibrate import ACCOUNTANTS, GRAD_SAMPLE_MODES
 RUNTIMES = ("local", "ray_cluster")
 
 
+def compose(overrides: list[str] | None = None) -> dict:
+    """The resolved config for Hydra ``overrides``, exactly as ``fedlora run`` composes it (a plain dict)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fedlora.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def fleet_mix(cfg: dict) -> dict[int, float]:
     """``clients.bitwidths`` as {bits: fraction}; null (the default) means an all-32-bit fleet."""
     mix = cfg["clients"].get("bitwidths")

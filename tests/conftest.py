@@ -18,6 +18,8 @@ for _k, _v in {
 import pytest
 import torch
 
+from fedlora.config import compose  # noqa: F401  (tests import it from here)
+
 torch.set_num_threads(1)
 
 #: a federation small enough for tests: tiny BERT, a 600-record slice of rt-polarity, 4 clients
@@ -32,19 +34,6 @@ TINY = [
     "privacy=none",
     "tracking=none",
 ]
-
-
-def compose(overrides: list[str] | None = None) -> dict:
-    """The resolved config for ``overrides``, exactly as ``fedlora run`` composes it."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from fedlora.cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hcompose(config_name="config", overrides=list(overrides or []))
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 @pytest.fixture
