@@ -167,7 +167,7 @@ def evaluate(model, examples: list[dict], *, batch_size: int = 128, pad_id: int 
     """Mean cross-entropy loss and accuracy of ``model`` on ``examples`` (eval mode, no gradients).
 
     Batches are cut from the examples sorted by length, so each is padded only to its own longest record
-    (about half the tokens of random batches on short-sentence corpora); the result is order-independent."""
+    (far fewer pad tokens than random batches on short-sentence corpora); the result is order-independent."""
     collate = make_collate(pad_id)
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
