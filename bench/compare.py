@@ -18,9 +18,7 @@ import argparse
 import itertools
 import json
 import math
-import os
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,14 +26,12 @@ from pathlib import Path
 
 from fedlora.config import compose
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["model=tiny_bert", "data.max_examples=600", "clients.num=4", "clients.per_round=2", "clients.local_steps=3",
          "clients.batch_size=16", "rounds=2", "model.max_length=32"]
 
 
 def one_run(overrides: list[str]) -> dict:
     """One federation in this process; returns its summary's headline figures."""
-    os.environ["FEDLORA_TORCH_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)
@@ -140,9 +136,8 @@ def main() -> None:
           f"common overrides: {' '.join(base) or '(defaults)'}")
     print_table(rows, seeds)
     print(json.dumps({"seeds": seeds, "base": base,
-                      "points": [{k: v for k, v in r.items()} for r in rows]}))
+                      "points": rows}))
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()
