@@ -142,8 +142,10 @@ class PrivateTrainer:
         opt_params = [p for g in optimizer.param_groups for p in g["params"]]
         if {id(p) for p in opt_params} != {id(p) for p in params}:
             raise ValueError("DP-SGD: the optimizer's parameters must be exactly the model's trainable parameters")
-        if not model.training:
-            model.train()  # Opacus hooks only capture activations in training mode
+        # Opacus hooks (and ours) only capture activations of modules in training mode. Always call train():
+        # a model fresh from from_pretrained + get_peft_model reports training=True at the top while its
+        # submodules are in eval mode, so a `model.training` check would leave the head's hook silent.
+        model.train()
         self.model = model
         self.params = params
         self.mode = grad_sample_mode

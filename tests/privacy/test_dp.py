@@ -201,3 +201,16 @@ def test_poisson_batches_are_seeded_with_rate_q():
     assert all(len(set(x)) == len(x) and all(0 <= i < n for i in x) for x in a)
     tiny = list(poisson_batches(50, sample_rate=0.01, steps=100, seed=0))
     assert any(len(x) == 0 for x in tiny)  # empty batches happen (P = 0.99^50 = 0.6 per step)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_submodules_left_in_eval_mode_still_get_per_sample_gradients(model, mode):
+    """from_pretrained + get_peft_model leaves the top module training=True and its submodules in eval mode;
+    PrivateTrainer must put every module in training mode, or the head's gradient hook stays silent."""
+    set_trainable(model, B_AND_HEAD)
+    for m in model.modules():
+        m.training = False
+    model.training = True  # the state a freshly loaded PEFT model is in
+    got = _dp_update(model, [_batch()], mode=mode, sigma=0.0, clip=1e6, expected=6)
+    head = [k for k in _params(model) if "classifier" in k]
+    assert head and all(torch.count_nonzero(got[k]) > 0 for k in head)
