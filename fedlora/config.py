@@ -138,6 +138,15 @@ def validate(cfg: dict) -> None:
     _number(cfg, "model.max_length", ge=2, integer=True)
     if not _get(cfg, "model.target_modules"):
         raise ConfigError("model.target_modules", "empty; name the modules LoRA adapts, e.g. [query,value]")
+    layers = cfg["model"].get("lora_layers")
+    if layers is not None and (
+        not isinstance(layers, (list, tuple)) or not layers
+        or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+    ):
+        raise ConfigError(
+            "model.lora_layers", f"got {layers!r}; expected null (every layer) or a non-empty list of layer "
+            "indices >= 0, e.g. model.lora_layers=[4,5]"
+        )
 
     if _get(cfg, "privacy.enabled"):
         _number(cfg, "privacy.epsilon", gt=0)

@@ -41,6 +41,9 @@ def test_default_config_is_valid():
         ("strategy.optimizer=rmsprop", "strategy.optimizer", "allowed values"),
         ("privacy.grad_sample_mode=functorch", "privacy.grad_sample_mode", "allowed values"),
         ("+strategy.params.bogus=1", "strategy.params", "unknown parameters"),
+        ("model.lora_layers=[]", "model.lora_layers", "non-empty list"),
+        ("model.lora_layers=[-1]", "model.lora_layers", "indices >= 0"),
+        ("model.lora_layers=top", "model.lora_layers", "e.g. model.lora_layers=[4,5]"),
     ],
 )
 def test_bad_values_are_refused_with_the_key(override, key, hint):

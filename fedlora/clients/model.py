@@ -24,6 +24,7 @@ class ModelSpec:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("query", "value")
+    lora_layers: tuple[int, ...] | None = None  # transformer layers that get LoRA (None: all)
     max_length: int = 64
     seed: int = 0
     tokenizer: str | None = None  # defaults to the model's own (tiny-bert uses the packaged MiniLM tokenizer)
@@ -33,6 +34,8 @@ class ModelSpec:
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         d = dict(d)
         d["target_modules"] = tuple(d.get("target_modules", cls.target_modules))
+        if d.get("lora_layers") is not None:
+            d["lora_layers"] = tuple(int(i) for i in d["lora_layers"])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -105,6 +108,7 @@ def lora_config(spec: ModelSpec):
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
         target_modules=list(spec.target_modules),
+        layers_to_transform=list(spec.lora_layers) if spec.lora_layers is not None else None,
     )
 
 
@@ -113,6 +117,14 @@ def build_model(spec: ModelSpec):
     from peft import get_peft_model
 
     base = load_base_model(spec)
+    n_layers = getattr(base.config, "num_hidden_layers", None)
+    if spec.lora_layers is not None and n_layers is not None:
+        bad = [i for i in spec.lora_layers if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(
+                f"model.lora_layers={list(spec.lora_layers)}: layers {bad} do not exist; "
+                f"{spec.name_or_path} has layers 0..{n_layers - 1}"
+            )
     torch.manual_seed(spec.seed + 1)
     model = get_peft_model(base, lora_config(spec))
     for p in model.parameters():

@@ -223,3 +223,13 @@ def test_evaluate(model):
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     assert out["accuracy"] == pytest.approx(float((logits.argmax(-1) == b["labels"]).float().mean()))
     assert out["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, b["labels"])), rel=1e-5)
+
+
+def test_lora_layers_adapts_only_the_named_layers():
+    model = build_model(ModelSpec(name_or_path="tiny-bert", lora_layers=(1,)))
+    keys = list(adapter_state(model))
+    lora = [k for k in keys if "lora_" in k]
+    assert lora and all(".layer.1." in k for k in lora)
+    assert len(lora) == 4  # query and value of layer 1, A and B each
+    with pytest.raises(ValueError, match=r"lora_layers=\[2\].*layers 0\.\.1"):
+        build_model(ModelSpec(name_or_path="tiny-bert", lora_layers=(2,)))
