@@ -58,12 +58,15 @@ def one_run(overrides: list[str]) -> dict:
 
 
 def grid_points(grid: list[str]) -> list[list[str]]:
+    """Hydra's own sweep grammar, so list values work: ``model.lora_layers=[4,5],null`` is two points."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     axes = []
+    parser = OverridesParser.create()
     for g in grid:
-        key, _, values = g.partition("=")
-        if not key or not values:
-            raise SystemExit(f"--grid {g!r}: expected key=v1,v2,...")
-        axes.append([f"{key}={v}" for v in values.split(",")])
+        (ov,) = parser.parse_overrides([g])
+        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
+        axes.append([f"{ov.get_key_element()}={v}" for v in values])
     return [list(p) for p in itertools.product(*axes)] if axes else [[]]
 
 
