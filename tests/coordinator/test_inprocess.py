@@ -58,3 +58,16 @@ def test_exhausted_clients_are_never_scheduled_again_and_never_pass_their_budget
     assert set(s["privacy"]["exhausted"]) == set(ledgers)
     assert s["rounds_completed"] == 2 and all(h["reported"] == 2 for h in s["history"])
     assert 0 < s["epsilon_max"] <= 20 and s["epsilon_per_client"] == {c: led["epsilon"] for c, led in ledgers.items()}
+
+
+def test_mixed_fleet_composes_with_fedsvd_and_dp(run):
+    """Bitwidth-heterogeneous aggregation is post-processing: under DP and with FedSVD's re-factorisation the
+    progressive dequantizer still trains every round and every client stays within its ε."""
+    s = run("strategy=fedsvd", "privacy=dp", "privacy.epsilon=20", "clients.per_round=4",
+            "clients.bitwidths={32: 0.5, 4: 0.5}")
+    assert s["rounds_completed"] == 2 and s["rejected_updates"] == 0
+    assert all(h["strategy_stats"]["method"] == "progressive" for h in s["history"])
+    assert all(h["strategy_stats"]["dequantizer_fit_s"] > 0 for h in s["history"])
+    assert set(s["history"][-1]["global_accuracy_by_bits"]) == {4}
+    ledgers = s["privacy"]["ledgers"]
+    assert len(ledgers) == 4 and all(0 < led["epsilon"] <= 20 for led in ledgers.values())
