@@ -45,6 +45,10 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
+        self.message = message
+
+    def __reduce__(self):  # picklable, so it crosses process pools (bench/compare.py --jobs) intact
+        return (type(self), (self.key, self.message))
 
 
 def _get(cfg: dict, dotted: str) -> Any:

@@ -89,3 +89,12 @@ def test_cli_help_lists_groups():
     for group in ("strategy:", "privacy:", "data:", "model:", "clients:", "runtime:", "tracking:"):
         assert group in r.stdout
     assert "fedavg" in r.stdout and "rt_polarity" in r.stdout
+
+
+def test_config_error_survives_pickling_with_its_key():
+    """Sweeps run points in worker processes: the error must cross the process boundary intact."""
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ConfigError("clients.batch_size", "exceeds the client's n=14 records")))
+    assert isinstance(e, ConfigError) and e.key == "clients.batch_size"
+    assert str(e) == "clients.batch_size: exceeds the client's n=14 records"
