@@ -84,11 +84,12 @@ def fmt(m: float | None, s: float | None) -> str:
 def run_grid(points: list[list[str]], seeds: list[int], base: list[str], jobs: int) -> list[dict]:
     """Every (point, seed) federation, ``jobs`` at a time; results in (point, seed) order."""
     todo = [[*base, *p, f"seed={s}"] for p in points for s in seeds]
-    # validate every point before any training starts (a bad override fails here, with the key named)
-    from fedlora.config import validate
+    # check every point, data-dependent checks included, before any training starts (a bad override or a seed
+    # whose partition cannot satisfy the privacy settings fails here, with the key named)
+    from fedlora.coordinator.run import prepare
 
     for ov in todo:
-        validate(compose(ov))
+        prepare(compose(ov))
     if jobs <= 1:
         return [one_run(ov) for ov in todo]
     with ProcessPoolExecutor(max_workers=jobs) as ex:
