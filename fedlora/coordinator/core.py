@@ -265,8 +265,11 @@ class Coordinator:
         return bool(self.nodes) and all(h["client_id"] in self.exhausted for h in self.nodes.values())
 
     def _eval_round(self, rnd: int) -> bool:
+        """Evaluate every ``eval_every`` rounds and after the last round — the planned last one, or an earlier
+        one after which no client can train any more (every privacy budget spent), so a run that ends early
+        still reports its final model."""
         every = int(self.cfg.get("eval_every", 1))
-        return rnd == int(self.cfg["rounds"]) or (every > 0 and rnd % every == 0)
+        return rnd == int(self.cfg["rounds"]) or (every > 0 and rnd % every == 0) or self._all_exhausted()
 
     def _wants_client_eval(self, rnd: int) -> bool:
         return (not self.strategy.has_global_model) and self._eval_round(rnd)

@@ -49,15 +49,18 @@ def test_mixed_fleet_reports_accuracy_per_device_class_and_smaller_uploads(run):
 
 def test_exhausted_clients_are_never_scheduled_again_and_never_pass_their_budget(run):
     """privacy.max_participations=1: each client trains once, says it cannot run again, and the coordinator
-    stops sampling it; the federation ends when nobody is left, with every ε within the target."""
-    s = run("privacy=dp", "privacy.epsilon=20", "privacy.max_participations=1", "rounds=4", "clients.num=4",
-            "clients.per_round=2", "clients.local_steps=3", "strategy=ffa")
+    stops sampling it; the federation ends when nobody is left, with every ε within the target, and its final
+    model is evaluated although the planned last round (the only eval_every round) never came."""
+    s = run("privacy=dp", "privacy.epsilon=20", "privacy.max_participations=1", "rounds=4", "eval_every=4",
+            "clients.num=4", "clients.per_round=2", "clients.local_steps=3", "strategy=ffa")
     ledgers = s["privacy"]["ledgers"]
     assert set(ledgers) == {f"client-{i:03d}" for i in range(4)}
     assert all(led["steps"] == 3 for led in ledgers.values())  # exactly one participation each
     assert set(s["privacy"]["exhausted"]) == set(ledgers)
     assert s["rounds_completed"] == 2 and all(h["reported"] == 2 for h in s["history"])
     assert 0 < s["epsilon_max"] <= 20 and s["epsilon_per_client"] == {c: led["epsilon"] for c, led in ledgers.items()}
+    assert "global_accuracy" not in s["history"][0]  # round 1: not an eval round, clients still left
+    assert s["global_accuracy"] is not None and s["global_accuracy"] == s["history"][-1]["global_accuracy"]
 
 
 def test_mixed_fleet_composes_with_fedsvd_and_dp(run):
