@@ -29,8 +29,8 @@ from compare import QUICK, fmt, mean_std, run_grid  # noqa: E402
 FLEETS = {"50% 32-bit / 50% 4-bit": "{32: 0.5, 4: 0.5}", "4-way 32/16/8/4": "{32: 0.25, 16: 0.25, 8: 0.25, 4: 0.25}"}
 FLEET_NAMES = {"half": "50% 32-bit / 50% 4-bit", "4way": "4-way 32/16/8/4"}
 METHODS = ("naive", "grouped", "progressive")
-DEFAULT_SET = ["strategy=ffa", "clients.num=8", "clients.per_round=4", "rounds=5", "eval_every=5", "clients.local_steps=3",
-               "model.max_length=32", "privacy=none"]
+DEFAULT_SET = ["strategy=ffa", "clients.num=8", "clients.per_round=4", "rounds=5", "eval_every=5",
+               "clients.local_steps=3", "model.max_length=32", "privacy=none"]
 
 
 def main() -> None:
@@ -51,7 +51,8 @@ def main() -> None:
     results = run_grid(points, seeds, base, args.jobs)
     print(f"{len(results)} federations in {time.perf_counter() - t0:.0f}s; common overrides: {' '.join(base)}")
     print(f"mean ± std over seeds {seeds}; accuracy in % on the server's test split")
-    print(f"{'fleet':<24} {'method':<12} {'32-bit model':>13} {'low-bit models (bits: acc)':<40} {'kB up+down/round':>17}")
+    print(f"{'fleet':<24} {'method':<12} {'32-bit model':>13} {'low-bit models (bits: acc)':<40} "
+          f"{'kB up+down/round':>17}")
     table: dict[str, dict[str, dict]] = {}
     for i, p in enumerate(points):
         fleet = next(k for k, v in fleets.items() if p[0].endswith(v))

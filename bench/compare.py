@@ -1,7 +1,7 @@
 """Compare strategies (or any config knob) over seeds: one federation per grid point and seed, mean ± std.
 
 Each federation runs the real coordinator and client code (DP-SGD, ledgers, aggregation, validation,
-evaluation) through ``fedlora.coordinator.run.run_inprocess``: the same objects ``fedlora run`` drives,
+evaluation) through ``fedlora.lifecycle.run_inprocess``: the same objects ``fedlora run`` drives,
 without Flower/Ray transport, so that many federations fit on a 2-core machine (``--jobs`` in parallel, one
 torch thread each). The same sweep through the product path is ``fedlora run -m <grid> seed=0,1,2``.
 
@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from fedlora.config import compose
+from fedlora.config import FedConfig, compose
 
 QUICK = ["model=tiny_bert", "data.max_examples=600", "clients.num=4", "clients.per_round=2", "clients.local_steps=3",
          "clients.batch_size=16", "rounds=2", "model.max_length=32"]
@@ -35,10 +35,11 @@ def one_run(overrides: list[str]) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from fedlora.coordinator.run import run_inprocess
+    from fedlora.lifecycle import run_inprocess
 
     with tempfile.TemporaryDirectory(prefix="fedlora-compare-") as d:
-        cfg = compose([*overrides, "tracking=none", f"runs_root={d}", "runtime.torch_threads=1", "runtime.num_cpus=1"])
+        cfg = FedConfig.from_dict(compose([*overrides, "tracking=none", f"runs_root={d}", "runtime.torch_threads=1",
+                                           "runtime.num_cpus=1"]))
         t0 = time.perf_counter()
         s = run_inprocess(cfg, Path(d) / "run", echo=lambda *_: None)
         last = s["history"][-1]
@@ -86,10 +87,10 @@ def run_grid(points: list[list[str]], seeds: list[int], base: list[str], jobs: i
     todo = [[*base, *p, f"seed={s}"] for p in points for s in seeds]
     # check every point, data-dependent checks included, before any training starts (a bad override or a seed
     # whose partition cannot satisfy the privacy settings fails here, with the key named)
-    from fedlora.coordinator.run import prepare
+    from fedlora.lifecycle import prepare
 
     for ov in todo:
-        prepare(compose(ov))
+        prepare(FedConfig.from_dict(compose(ov)))
     if jobs <= 1:
         return [one_run(ov) for ov in todo]
     with ProcessPoolExecutor(max_workers=jobs) as ex:

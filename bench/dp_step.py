@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
-    os.environ.setdefault(_k, _v)
+from fedlora.env import apply_offline_env  # noqa: E402
+
+apply_offline_env()
 
 import torch  # noqa: E402
 
-from fedlora.clients.model import ModelSpec, adapter_state, build_model, load_adapter_state, set_trainable  # noqa: E402
 from fedlora.privacy.dp import PrivateTrainer, leftover_dp_state  # noqa: E402
+from fedlora.task.model import ModelSpec, adapter_state, build_model, load_adapter_state, set_trainable  # noqa: E402
 
 DP_PATHS = ("hooks", "ghost", "lora_fast")
 
@@ -42,7 +42,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     spec = ModelSpec(name_or_path=args.model)
-    model = build_model(spec)
+    model = build_model(spec, num_labels=2, seed=0)
     trained = set_trainable(model, lambda k: "lora_B" in k)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     load_s = time.perf_counter() - t0
@@ -53,7 +53,7 @@ def main() -> None:
     batch = {
         "input_ids": torch.randint(1000, vocab, (args.batch, args.seq), generator=g),
         "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
-        "labels": torch.randint(0, spec.num_labels, (args.batch,), generator=g),
+        "labels": torch.randint(0, 2, (args.batch,), generator=g),
     }
     params = [p for p in model.parameters() if p.requires_grad]
 

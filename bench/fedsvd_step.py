@@ -36,8 +36,8 @@ import time
 
 import torch
 
-from fedlora.aggregation.base import ClientUpdate, lora_pairs
-from fedlora.aggregation.fedsvd import FedSVD, dense_refactor, lowrank_refactor, mean_delta, refactor_state
+from fedlora.aggregation.base import ClientUpdate, apply_mean_delta, lora_pairs
+from fedlora.aggregation.fedsvd import FedSVD, dense_refactor, lowrank_refactor, refactor_state
 
 SHAPES = {
     "roberta-large": dict(
@@ -169,7 +169,8 @@ def main() -> None:
                     help="time: time one dense 4096² SVD, stopped when --budget-s runs out (then a lower bound)")
     ap.add_argument("--budget-s", type=float, default=170.0, help="overall wall-time budget")
     ap.add_argument("--quick", action="store_true",
-                    help="under a minute: 2 repeats, 1 dense RoBERTa layer, 4 lowrank LLaMA layers, LLaMA dense extrapolated")
+                    help="under a minute: 2 repeats, 1 dense RoBERTa layer, 4 lowrank LLaMA layers, "
+                         "LLaMA dense extrapolated")
     ap.add_argument("--_dense-one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -194,9 +195,9 @@ def main() -> None:
             pairs = lora_pairs(g)
             items = list(pairs.values())
             strat = FedSVD()
-            step_med, step_min, new = timed(lambda: strat.aggregate(g, ups), args.repeats)
-            agg_med, agg_min, agg = timed(lambda: mean_delta(strat, g, ups), args.repeats)
-            ref_med, ref_min, _ = timed(lambda: refactor_state(agg), args.repeats)
+            step_med, step_min, new = timed(lambda s=strat, g=g, u=ups: s.aggregate(g, u), args.repeats)
+            agg_med, agg_min, agg = timed(lambda s=strat, g=g, u=ups: apply_mean_delta(s, g, u), args.repeats)
+            ref_med, ref_min, _ = timed(lambda a=agg: refactor_state(a), args.repeats)
             err = max(rel_errors(new, agg, pairs))
             max_err_factored = max(max_err_factored, err)
             base = dict(shape=shape_name, clients=clients, agg_s=agg_min, agg_med_s=agg_med)

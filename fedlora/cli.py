@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-CONFIG_DIR = str(Path(__file__).parent / "configs")
+from fedlora.config import CONFIG_DIR, FedConfig
+from fedlora.schema import ConfigError
 
 
 def _fail(msg: str) -> None:
@@ -40,22 +41,69 @@ def _report(summary: dict, run_dir: Path, echo=print) -> None:
     echo(f"run dir: {run_dir}")
 
 
+def _plain(cfg) -> dict:
+    """A composed config (with or without its ``hydra`` node) as the plain dict ``FedConfig`` reads."""
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(cfg, resolve=False)
+    d.pop("hydra", None)
+    return OmegaConf.to_container(OmegaConf.create(d), resolve=True)
+
+
+def check_overrides(overrides: list[str], multirun: bool) -> list[FedConfig]:
+    """Compose every job the command line describes (each sweep point with ``-m``) and validate it against its
+    data, before Hydra creates any directory. Raises ``ConfigError`` (or Hydra's own error) on the first bad one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fedlora.lifecycle import prepare
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name="fedlora"):
+        if not multirun:
+            composed = [compose(config_name="config", overrides=list(overrides))]
+        else:
+            from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+            from hydra.types import RunMode
+
+            h = GlobalHydra.instance().hydra
+            master = h.compose_config(config_name="config", overrides=list(overrides), run_mode=RunMode.MULTIRUN,
+                                      from_shell=True)
+            params = [f"{k}={v}" for k, v in (master.hydra.sweeper.params or {}).items()]
+            parsed = OverridesParser.create(config_loader=h.config_loader).parse_overrides(
+                params + list(master.hydra.overrides.task))
+            jobs = BasicSweeper.split_arguments(parsed, None)[0]
+            composed = [h.config_loader.load_sweep_config(master, list(j)) for j in jobs]
+    cfgs = [FedConfig.from_dict(_plain(c)) for c in composed]
+    for cfg in cfgs:
+        prepare(cfg)
+    return cfgs
+
+
 def _hydra_run(argv: list[str]) -> None:
     import hydra
+    from hydra._internal.utils import get_args_parser
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig
+
+    args = get_args_parser().parse_args(argv)
+    if not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion):
+        try:
+            check_overrides(args.overrides, args.multirun)
+        except ConfigError as e:
+            _fail(f"invalid config: {e}")
+        except Exception as e:  # noqa: BLE001 - Hydra's composition errors (unknown group, key, bad syntax)
+            _fail(f"invalid config: {e}" + (f"\n{e.__cause__}" if e.__cause__ else ""))
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-    def main(cfg: DictConfig) -> None:
-        from fedlora.config import ConfigError
-        from fedlora.coordinator.run import apply_offline_env, prepare, run_federation
+    def main(dcfg: DictConfig) -> None:
+        from fedlora.lifecycle import claim_run_dir, run_federation
 
-        apply_offline_env()
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir).resolve()
-        plain = OmegaConf.to_container(cfg, resolve=True)
         try:
-            plain = prepare(plain)
+            cfg = FedConfig.from_dict(_plain(dcfg))
+            claim_run_dir(run_dir)
         except ConfigError as e:
             _fail(f"invalid config: {e}")
         print(f"run dir: {run_dir}")
@@ -63,8 +111,8 @@ def _hydra_run(argv: list[str]) -> None:
         if hc.mode is not None and hc.mode.name == "MULTIRUN":
             from fedlora.coordinator.tracking import sweep_parent
 
-            parent = sweep_parent(plain, Path(hc.sweep.dir).resolve())
-        summary = run_federation(plain, run_dir, parent_run_id=parent)
+            parent = sweep_parent(cfg, Path(hc.sweep.dir).resolve())
+        summary = run_federation(cfg, run_dir, parent_run_id=parent)
         _report(summary, run_dir)
 
     sys.argv = ["fedlora run", *argv]
@@ -72,7 +120,7 @@ def _hydra_run(argv: list[str]) -> None:
 
 
 def _resume(argv: list[str]) -> None:
-    from fedlora.coordinator.run import load_run_config, run_federation
+    from fedlora.lifecycle import load_run_config, run_federation
 
     p = argparse.ArgumentParser(prog="fedlora resume", description="continue a stopped run from its last round")
     p.add_argument("run_dir")
@@ -80,7 +128,7 @@ def _resume(argv: list[str]) -> None:
     run_dir = Path(a.run_dir).resolve()
     try:
         cfg = load_run_config(run_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError) as e:
         _fail(str(e))
     if not (run_dir / "checkpoint.pt").exists():
         _fail(f"{run_dir} has no checkpoint.pt: the run never completed a round; start it again with fedlora run")
@@ -110,6 +158,9 @@ COMMANDS = {"run": _hydra_run, "resume": _resume, "ui": _ui}
 
 
 def main(argv: list[str] | None = None) -> None:
+    from fedlora.env import apply_offline_env
+
+    apply_offline_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)

@@ -1,14 +1,32 @@
-"""Validation of the composed Hydra config: every bad value is refused before any work starts."""
+"""The typed federation config: one frozen dataclass per Hydra config group, validated once when built.
+
+``FedConfig.from_dict(plain)`` turns the plain dict Hydra composes (``compose`` below, or ``fedlora run``) into
+typed groups; every value is checked by its group's ``__post_init__`` and every cross-group rule here, so a bad
+override fails before any work starts with a ``ConfigError`` naming the real key and what is allowed. Each
+allowed-value list lives once, beside the code that gives it meaning (strategies in ``aggregation``, optimizers
+in ``task.train``, accountants in ``privacy.calibrate``, corpora in ``task.data``, the bitwidth ladder in
+``aggregation.quant``).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
+from fedlora import aggregation
+from fedlora.aggregation.base import WEIGHTINGS
 from fedlora.aggregation.bitwidth import METHODS as BITWIDTH_METHODS
-from fedlora.aggregation.quant import BITWIDTHS
-from fedlora.clients.trainer import OPTIMIZERS
-from fedlora.privacy.calibrate import ACCOUNTANTS, GRAD_SAMPLE_MODES
+from fedlora.aggregation.quant import BITWIDTHS, check_bits
+from fedlora.privacy.calibrate import DPSettings, check_dp_settings
+from fedlora.schema import ConfigError, Group, boolean, choice, doc, number
+from fedlora.task.data import DataSpec
+from fedlora.task.model import ModelSpec
+from fedlora.task.train import OPTIMIZERS
 
+#: the Hydra config tree, shipped inside the package so an installed fedlora finds it
+CONFIG_DIR = str(Path(__file__).parent / "configs")
 RUNTIMES = ("local", "ray_cluster")
 
 
@@ -18,166 +36,226 @@ def compose(overrides: list[str] | None = None) -> dict:
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from fedlora.cli import CONFIG_DIR
-
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def fleet_mix(cfg: dict) -> dict[int, float]:
-    """``clients.bitwidths`` as {bits: fraction}; null (the default) means an all-32-bit fleet."""
-    mix = cfg["clients"].get("bitwidths")
-    if mix is None:
-        return {32: 1.0}
-    if not isinstance(mix, dict):
-        raise ConfigError("clients.bitwidths", f"got {mix!r}; expected a mapping such as '{{32: 0.5, 4: 0.5}}'")
-    try:
-        return {int(k): float(v) for k, v in mix.items()}
-    except (TypeError, ValueError):
-        raise ConfigError("clients.bitwidths", f"got {mix!r}; keys must be bitwidths in {list(BITWIDTHS)} and "
-                                               "values fractions") from None
+@dataclass(frozen=True)
+class StrategyConfig(Group):
+    """The ``strategy`` group: the aggregation strategy and the client optimizer it is run with."""
 
+    KEY: ClassVar[str] = "strategy"
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and what is allowed."""
+    name: str = doc("aggregation strategy (registered in fedlora.aggregation)", default="fedsvd")
+    optimizer: str = doc(f"client optimizer, fresh each round: {list(OPTIMIZERS)}", default="adam")
+    lr: float = doc("client learning rate (> 0); with sgd use ~0.5", default=0.01)
+    train_head: bool = doc("train (and, unless personal, share) the classification head", default=True)
+    weighting: str = doc(f"client weights p_k: {list(WEIGHTINGS)}", default="examples")
+    params: dict[str, Any] = doc("strategy-specific parameters, e.g. svd_every for fedsvd", default_factory=dict)
+    module: str | None = doc("a Python module to import first, which registers the strategy (a strategy of your "
+                             "own); null for the built-in ones", default=None)
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-    def __reduce__(self):  # picklable, so it crosses process pools (bench/compare.py --jobs) intact
-        return (type(self), (self.key, self.message))
-
-
-def _get(cfg: dict, dotted: str) -> Any:
-    cur: Any = cfg
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            raise ConfigError(dotted, "missing; set it with an override, e.g. " f"`{dotted}=...`")
-        cur = cur[part]
-    return cur
-
-
-def _number(cfg: dict, key: str, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
-            integer: bool = False, optional: bool = False) -> Any:
-    v = _get(cfg, key)
-    if v is None and optional:
-        return None
-    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok_type:
-        raise ConfigError(key, f"got {v!r}; expected {'an integer' if integer else 'a number'}")
-    if gt is not None and not v > gt:
-        raise ConfigError(key, f"got {v!r}; must be > {gt}")
-    if ge is not None and not v >= ge:
-        raise ConfigError(key, f"got {v!r}; must be >= {ge}")
-    if lt is not None and not v < lt:
-        raise ConfigError(key, f"got {v!r}; must be < {lt}")
-    return v
-
-
-def _choice(cfg: dict, key: str, allowed: tuple[str, ...] | list[str]) -> str:
-    v = _get(cfg, key)
-    if v not in allowed:
-        raise ConfigError(key, f"got {v!r}; allowed values are {list(allowed)}")
-    return v
-
-
-def validate(cfg: dict) -> None:
-    """Check a resolved config (plain dict). Raises ConfigError on the first problem found."""
-    from fedlora import aggregation
-    from fedlora.clients.data import PACKAGED, PARTITIONERS
-
-    _number(cfg, "rounds", gt=0, integer=True)
-    _number(cfg, "seed", ge=0, integer=True)
-    _number(cfg, "eval_every", gt=0, integer=True)
-    _number(cfg, "round_timeout_s", gt=0)
-
-    name = _choice(cfg, "strategy.name", aggregation.available())
-    _number(cfg, "strategy.lr", gt=0)
-    _choice(cfg, "strategy.optimizer", OPTIMIZERS)
-    try:
-        aggregation.create(
-            name,
-            train_head=bool(_get(cfg, "strategy.train_head")),
-            weighting=_get(cfg, "strategy.weighting"),
-            **dict(_get(cfg, "strategy.params") or {}),
-        )
-    except (TypeError, ValueError) as e:
-        raise ConfigError("strategy.params", str(e)) from None
-
-    num = _number(cfg, "clients.num", ge=1, integer=True)
-    per_round = _number(cfg, "clients.per_round", ge=1, integer=True)
-    if per_round > num:
-        raise ConfigError("clients.per_round", f"got {per_round}; must be <= clients.num ({num})")
-    min_reports = _number(cfg, "clients.min_reports", ge=1, integer=True)
-    if min_reports > per_round:
-        raise ConfigError("clients.min_reports", f"got {min_reports}; must be <= clients.per_round ({per_round})")
-    _number(cfg, "clients.local_steps", ge=1, integer=True)
-    _number(cfg, "clients.batch_size", ge=1, integer=True)
-    _number(cfg, "clients.cpus", gt=0)
-    _number(cfg, "clients.max_update_norm", gt=0)
-    _choice(cfg, "clients.bitwidth_method", BITWIDTH_METHODS)
-    mix = fleet_mix(cfg)
-    bad = [b for b in mix if int(b) not in BITWIDTHS]
-    if not mix or bad:
-        raise ConfigError("clients.bitwidths", f"bitwidths {bad or '(empty)'} not in the ladder {list(BITWIDTHS)}")
-    if any(f < 0 for f in mix.values()) or abs(sum(mix.values()) - 1.0) > 1e-6:
-        raise ConfigError("clients.bitwidths", f"fractions {dict(mix)} must be >= 0 and sum to 1")
-
-    data_name = _choice(cfg, "data.name", list(PACKAGED) + ["local", "hf"])
-    if data_name in ("local", "hf") and not _get(cfg, "data.path"):
-        raise ConfigError("data.path", f"data={data_name} needs data.path (a file path or dataset id)")
-    _choice(cfg, "data.partitioner", PARTITIONERS)
-    _number(cfg, "data.alpha", gt=0)
-    _number(cfg, "data.test_fraction", gt=0, lt=1)
-    _number(cfg, "data.val_fraction", gt=0, lt=1)
-    _number(cfg, "data.min_partition_size", ge=1, integer=True)
-    _number(cfg, "data.max_examples", ge=10, integer=True, optional=True)
-
-    _number(cfg, "model.lora_r", ge=1, integer=True)
-    _number(cfg, "model.lora_alpha", gt=0)
-    _number(cfg, "model.lora_dropout", ge=0, lt=1)
-    _number(cfg, "model.max_length", ge=2, integer=True)
-    if not _get(cfg, "model.target_modules"):
-        raise ConfigError("model.target_modules", "empty; name the modules LoRA adapts, e.g. [query,value]")
-    layers = cfg["model"].get("lora_layers")
-    if layers is not None and (
-        not isinstance(layers, (list, tuple)) or not layers
-        or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
-    ):
-        raise ConfigError(
-            "model.lora_layers", f"got {layers!r}; expected null (every layer) or a non-empty list of layer "
-            "indices >= 0, e.g. model.lora_layers=[4,5]"
-        )
-
-    if _get(cfg, "privacy.enabled"):
-        _number(cfg, "privacy.epsilon", gt=0)
-        _number(cfg, "privacy.delta", gt=0, lt=1)
-        _number(cfg, "privacy.clip", gt=0)
-        _choice(cfg, "privacy.accountant", ACCOUNTANTS)
-        _number(cfg, "privacy.noise_multiplier", gt=0, optional=True)
-        _number(cfg, "privacy.max_participations", ge=1, integer=True, optional=True)
-        _choice(cfg, "privacy.grad_sample_mode", GRAD_SAMPLE_MODES)
-
-    kind = _choice(cfg, "runtime.kind", RUNTIMES)
-    if kind == "ray_cluster" and not _get(cfg, "runtime.address"):
-        raise ConfigError("runtime.address", "runtime=ray_cluster needs an address (auto, ray://host:10001, host:6379)")
-    _number(cfg, "runtime.num_cpus", gt=0, optional=True)
-    _number(cfg, "runtime.torch_threads", ge=1, integer=True)
-
-
-def validate_against_data(cfg: dict, train_sizes: list[int]) -> None:
-    """Checks that need the clients' dataset sizes (known before training in simulation)."""
-    from fedlora.privacy.calibrate import DPSettings, check_dp_settings
-
-    batch = cfg["clients"]["batch_size"]
-    smallest = min(train_sizes)
-    if cfg["privacy"]["enabled"]:
+    def __post_init__(self) -> None:
+        if self.module is not None:
+            try:
+                importlib.import_module(self.module)
+            except Exception as e:  # noqa: BLE001 - any import failure is a config error naming the module
+                raise ConfigError(self.key("module"),
+                                  f"cannot import {self.module!r}: {type(e).__name__}: {e}") from None
+        choice(self.key("name"), self.name, aggregation.available())
+        choice(self.key("optimizer"), self.optimizer, OPTIMIZERS)
+        number(self.key("lr"), self.lr, gt=0)
+        boolean(self.key("train_head"), self.train_head)
+        choice(self.key("weighting"), self.weighting, WEIGHTINGS)
+        if not isinstance(self.params, dict):
+            raise ConfigError(self.key("params"), f"got {self.params!r}; expected a mapping")
         try:
-            check_dp_settings(DPSettings.from_dict(cfg["privacy"]), n=smallest, batch_size=batch)
-        except ValueError as e:
-            key = str(e).split("=", 1)[0] if str(e).startswith(("privacy.", "clients.")) else "privacy"
-            raise ConfigError(key, f"{e} (the smallest client has n_k={smallest} training records; fewer clients "
-                                   "(clients.num) give bigger ones, or try another seed / data.alpha)") from None
+            self.create()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(self.key("params"), str(e)) from None
+
+    def create(self) -> aggregation.Strategy:
+        """A fresh instance of the configured strategy (the clients' and the server's are built the same way)."""
+        return aggregation.create(self.name, train_head=self.train_head, weighting=self.weighting, **self.params)
+
+
+@dataclass(frozen=True)
+class ClientsConfig(Group):
+    """The ``clients`` group: the fleet, its sampling, and each client's local training plan."""
+
+    KEY: ClassVar[str] = "clients"
+
+    num: int = doc("number of clients (partitions)", default=10)
+    per_round: int = doc("clients sampled per round (<= num)", default=2)
+    min_reports: int = doc("a round with fewer accepted reports than this fails the run (<= per_round)",
+                           default=1)
+    local_steps: int = doc("optimizer steps per client per round (tau)", default=6)
+    batch_size: int = doc("(expected) batch size; DP-SGD samples each record with q = batch_size / n_k",
+                          default=32)
+    cpus: float = doc("CPUs per simulated client actor", default=1)
+    bitwidths: dict[int, float] | None = doc(f"fleet mix {{bits: fraction}} over {list(BITWIDTHS)}, fractions "
+                                             "summing to 1, e.g. '{32: 0.5, 4: 0.5}'; null: every client 32-bit",
+                                             default=None)
+    bitwidth_method: str = doc(f"mixed fleets: {list(BITWIDTH_METHODS)}", default="progressive")
+    max_update_norm: float = doc("an uploaded delta with a larger L2 norm is rejected", default=1000.0)
+
+    def __post_init__(self) -> None:
+        num = number(self.key("num"), self.num, ge=1, integer=True)
+        per_round = number(self.key("per_round"), self.per_round, ge=1, integer=True)
+        if per_round > num:
+            raise ConfigError(self.key("per_round"), f"got {per_round}; must be <= clients.num ({num})")
+        min_reports = number(self.key("min_reports"), self.min_reports, ge=1, integer=True)
+        if min_reports > per_round:
+            raise ConfigError(self.key("min_reports"), f"got {min_reports}; must be <= clients.per_round "
+                                                        f"({per_round})")
+        number(self.key("local_steps"), self.local_steps, ge=1, integer=True)
+        number(self.key("batch_size"), self.batch_size, ge=1, integer=True)
+        number(self.key("cpus"), self.cpus, gt=0)
+        number(self.key("max_update_norm"), self.max_update_norm, gt=0)
+        choice(self.key("bitwidth_method"), self.bitwidth_method, BITWIDTH_METHODS)
+        object.__setattr__(self, "bitwidths", _fleet_mix(self.bitwidths))
+
+    @property
+    def mix(self) -> dict[int, float]:
+        """The fleet mix as {bits: fraction}; an all-32-bit fleet when ``bitwidths`` is null."""
+        return dict(self.bitwidths) if self.bitwidths is not None else {32: 1.0}
+
+    @property
+    def mixed(self) -> bool:
+        return set(self.mix) != {32}
+
+
+def _fleet_mix(mix: Any) -> dict[int, float] | None:
+    key = "clients.bitwidths"
+    if mix is None:
+        return None
+    if not isinstance(mix, dict) or not mix:
+        raise ConfigError(key, f"got {mix!r}; expected a mapping such as '{{32: 0.5, 4: 0.5}}'")
+    out: dict[int, float] = {}
+    for b, f in mix.items():
+        try:
+            bits = check_bits(int(b) if isinstance(b, str) and b.strip().isdigit() else b, key="bitwidth")
+        except ValueError:
+            raise ConfigError(key, f"bitwidth {b!r} not in the ladder {list(BITWIDTHS)}") from None
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 0:
+            raise ConfigError(key, f"fraction {f!r} for {bits} bits must be a number >= 0")
+        out[bits] = float(f)
+    if abs(sum(out.values()) - 1.0) > 1e-6:
+        raise ConfigError(key, f"fractions {out} must be >= 0 and sum to 1")
+    return out
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(Group):
+    """The ``runtime`` group: where Ray runs (an embedded local instance, or an existing cluster)."""
+
+    KEY: ClassVar[str] = "runtime"
+
+    kind: str = doc(f"{list(RUNTIMES)}", default="local")
+    address: str | None = doc("ray_cluster: the cluster address (auto, ray://host:10001, host:6379)",
+                              default=None)
+    num_cpus: float | None = doc("local: CPUs of the embedded Ray instance (also the coordinator's torch "
+                                 "threads)", default=2)
+    object_store_mb: int | None = doc("local: Ray object store size, MiB", default=512)
+    memory_mb: int | None = doc("local: Ray's memory budget for tasks and actors, MiB", default=4096)
+    torch_threads: int = doc("torch threads per client actor", default=1)
+
+    def __post_init__(self) -> None:
+        choice(self.key("kind"), self.kind, RUNTIMES)
+        if self.kind == "ray_cluster" and not self.address:
+            raise ConfigError(self.key("address"), "runtime=ray_cluster needs an address (auto, "
+                                                    "ray://host:10001, host:6379)")
+        number(self.key("num_cpus"), self.num_cpus, gt=0, optional=True)
+        number(self.key("object_store_mb"), self.object_store_mb, gt=0, integer=True, optional=True)
+        number(self.key("memory_mb"), self.memory_mb, gt=0, integer=True, optional=True)
+        number(self.key("torch_threads"), self.torch_threads, ge=1, integer=True)
+
+
+@dataclass(frozen=True)
+class TrackingConfig(Group):
+    """The ``tracking`` group: MLflow (one run per federation, step = round) or nothing."""
+
+    KEY: ClassVar[str] = "tracking"
+
+    enabled: bool = doc("record the federation in MLflow", default=True)
+    uri: str | None = doc("any MLflow tracking URI; null: sqlite:///<abs runs_root>/mlflow.db", default=None)
+    experiment: str = doc("MLflow experiment name", default="fedlora")
+
+    def __post_init__(self) -> None:
+        boolean(self.key("enabled"), self.enabled)
+        if self.uri is not None and not isinstance(self.uri, str):
+            raise ConfigError(self.key("uri"), f"got {self.uri!r}; expected a tracking URI or null")
+        if not isinstance(self.experiment, str) or not self.experiment:
+            raise ConfigError(self.key("experiment"), f"got {self.experiment!r}; expected a name")
+
+
+_GROUPS: dict[str, type[Group]] = {
+    "strategy": StrategyConfig,
+    "model": ModelSpec,
+    "data": DataSpec,
+    "privacy": DPSettings,
+    "clients": ClientsConfig,
+    "runtime": RuntimeConfig,
+    "tracking": TrackingConfig,
+}
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """A whole federation's config: the top-level keys and one typed object per group."""
+
+    strategy: StrategyConfig
+    model: ModelSpec
+    data: DataSpec
+    privacy: DPSettings
+    clients: ClientsConfig
+    runtime: RuntimeConfig
+    tracking: TrackingConfig
+    rounds: int = doc("federated rounds (> 0)", default=8)
+    seed: int = doc("one seed drives the data split, partitions, LoRA/head init, client sampling", default=0)
+    runs_root: str = doc("where run directories and the local MLflow store live", default="runs")
+    eval_every: int = doc("server-side global evaluation every N rounds (and after the last round)", default=1)
+    round_timeout_s: float = doc("a client that has not replied by then counts as dropped for that round",
+                                 default=600)
+    TOP: ClassVar[tuple[str, ...]] = ("rounds", "seed", "runs_root", "eval_every", "round_timeout_s")
+
+    def __post_init__(self) -> None:
+        number("rounds", self.rounds, gt=0, integer=True)
+        number("seed", self.seed, ge=0, integer=True)
+        number("eval_every", self.eval_every, gt=0, integer=True)
+        number("round_timeout_s", self.round_timeout_s, gt=0)
+        if not isinstance(self.runs_root, str) or not self.runs_root:
+            raise ConfigError("runs_root", f"got {self.runs_root!r}; expected a folder")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FedConfig:
+        """Build and validate from the plain dict Hydra composes (or a run directory's config.json)."""
+        d = dict(d)
+        unknown = sorted(set(d) - set(_GROUPS) - set(cls.TOP))
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown key; the top-level keys are {sorted([*_GROUPS, *cls.TOP])}")
+        groups = {}
+        for name, group in _GROUPS.items():
+            if name not in d:
+                raise ConfigError(name, f"missing config group; choose one with `{name}=<option>`")
+            groups[name] = group.from_dict(d[name])
+        return cls(**groups, **{k: d[k] for k in cls.TOP if k in d})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name).to_dict() for name in _GROUPS}
+        out.update({k: getattr(self, k) for k in self.TOP})
+        return out
+
+
+def check_client_sizes(cfg: FedConfig, train_sizes: list[int]) -> None:
+    """The checks that need the clients' training-set sizes (known before training in simulation): under DP,
+    δ < 1/n and batch <= n for the smallest client."""
+    smallest = min(train_sizes)
+    if cfg.privacy.enabled:
+        try:
+            check_dp_settings(cfg.privacy, n=smallest, batch_size=cfg.clients.batch_size)
+        except ConfigError as e:
+            raise ConfigError(e.key, f"{e.message} (the smallest client has n_k={smallest} training records; "
+                                     "fewer clients (clients.num) give bigger ones, or try another seed / "
+                                     "data.alpha)") from None

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import os
+from fedlora.env import apply_offline_env
 
-for _k, _v in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-}.items():
-    os.environ.setdefault(_k, _v)
+apply_offline_env()
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from fedlora.config import compose  # noqa: F401  (tests import it from here)
+from fedlora.config import FedConfig, compose  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -36,9 +27,14 @@ TINY = [
 ]
 
 
+def config(*overrides: str) -> FedConfig:
+    """The typed config for ``overrides``, composed exactly as ``fedlora run`` composes it."""
+    return FedConfig.from_dict(compose(list(overrides)))
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    def make(*extra: str) -> dict:
-        return compose([*TINY, f"runs_root={tmp_path / 'runs'}", *extra])
+    def make(*extra: str) -> FedConfig:
+        return config(*TINY, f"runs_root={tmp_path / 'runs'}", *extra)
 
     return make

@@ -1,4 +1,4 @@
-"""Bad overrides fail before any work starts, naming the key and what is allowed."""
+"""The typed config: bad overrides fail before any work starts, naming the real key and what is allowed."""
 
 from __future__ import annotations
 
@@ -7,17 +7,20 @@ import sys
 
 import pytest
 
-from fedlora.config import ConfigError, validate, validate_against_data
-from tests.conftest import compose
+from fedlora.config import FedConfig, check_client_sizes
+from fedlora.schema import ConfigError
+from tests.conftest import compose, config
 
 
-def test_default_config_is_valid():
-    cfg = compose()
-    validate(cfg)
-    assert cfg["strategy"]["name"] == "fedsvd"
-    assert cfg["privacy"]["enabled"] is False  # README, "What the default run does": why DP is opt-in here
-    assert compose(["privacy=dp"])["privacy"]["enabled"] is True
-    assert cfg["data"]["name"] == "rt_polarity"
+def test_default_config_is_valid_and_round_trips():
+    cfg = config()
+    assert cfg.strategy.name == "fedsvd" and cfg.data.name == "rt_polarity"
+    assert config("privacy=dp").privacy.enabled is True
+    assert FedConfig.from_dict(cfg.to_dict()) == cfg
+    mixed = config("clients.bitwidths={32: 0.5, 4: 0.5}")
+    assert mixed.clients.mix == {32: 0.5, 4: 0.5} and mixed.clients.mixed
+    assert FedConfig.from_dict(mixed.to_dict()) == mixed  # int keys survive a JSON-like round trip
+    assert not cfg.clients.mixed and cfg.clients.mix == {32: 1.0}
 
 
 @pytest.mark.parametrize(
@@ -25,66 +28,103 @@ def test_default_config_is_valid():
     [
         ("rounds=0", "rounds", "> 0"),
         ("rounds=-3", "rounds", "> 0"),
+        ("rounds=2.5", "rounds", "an integer"),
         ("clients.per_round=11", "clients.per_round", "<= clients.num"),
+        ("clients.min_reports=3", "clients.min_reports", "<= clients.per_round"),
         ("data.alpha=0", "data.alpha", "> 0"),
         ("data.alpha=-1", "data.alpha", "> 0"),
         ("privacy.epsilon=0", "privacy.epsilon", "> 0"),
         ("privacy.delta=0", "privacy.delta", "> 0"),
         ("privacy.clip=-1", "privacy.clip", "> 0"),
         ("privacy.accountant=gdp", "privacy.accountant", "allowed values"),
-        ("strategy.weighting=median", "strategy.params", "allowed values"),
+        ("strategy.weighting=median", "strategy.weighting", "allowed values are ['examples', 'uniform']"),
         ("clients.bitwidths={32: 0.5, 3: 0.5}", "clients.bitwidths", "ladder"),
         ("clients.bitwidths={32: 0.5, 4: 0.6}", "clients.bitwidths", "sum to 1"),
+        ("clients.bitwidth_method=fancy", "clients.bitwidth_method", "allowed values"),
         ("data.partitioner=shard", "data.partitioner", "allowed values"),
         ("clients.batch_size=0", "clients.batch_size", ">= 1"),
         ("strategy.lr=0", "strategy.lr", "> 0"),
         ("strategy.optimizer=rmsprop", "strategy.optimizer", "allowed values"),
+        ("strategy.train_head=maybe", "strategy.train_head", "true or false"),
         ("privacy.grad_sample_mode=functorch", "privacy.grad_sample_mode", "allowed values"),
         ("+strategy.params.bogus=1", "strategy.params", "unknown parameters"),
+        ("strategy.params.svd_every=-1", "strategy.params", "svd_every"),
+        ("+model.pooler=mean", "model.pooler", "unknown key"),
         ("model.lora_layers=[]", "model.lora_layers", "non-empty list"),
         ("model.lora_layers=[-1]", "model.lora_layers", "indices >= 0"),
         ("model.lora_layers=top", "model.lora_layers", "e.g. model.lora_layers=[4,5]"),
+        ("runtime=ray_cluster runtime.address=null", "runtime.address", "needs an address"),
+        ("data=local", "data.path", "needs data.path"),
     ],
 )
-def test_bad_values_are_refused_with_the_key(override, key, hint):
-    cfg = compose(["privacy=dp", override] if override.startswith("privacy.") else [override])
+def test_bad_values_are_refused_with_the_real_key(override, key, hint):
+    overrides = override.split(" ") if override.startswith("runtime=") else [override]
+    if override.startswith("privacy."):
+        overrides = ["privacy=dp", *overrides]
     with pytest.raises(ConfigError) as e:
-        validate(cfg)
-    assert e.value.key == key
+        FedConfig.from_dict(compose(overrides))
+    assert e.value.key == key, str(e.value)
     assert hint in str(e.value)
 
 
 def test_unknown_strategy_name_lists_allowed():
-    cfg = compose()
-    cfg["strategy"]["name"] = "fedprox"
-    with pytest.raises(ConfigError, match=r"allowed values are \[.*'fedavg'.*'ffa'"):
-        validate(cfg)
+    d = compose()
+    d["strategy"]["name"] = "fedprox"
+    with pytest.raises(ConfigError, match=r"strategy.name: got 'fedprox'; allowed values are \[.*'fedavg'.*'ffa'"):
+        FedConfig.from_dict(d)
+
+
+def test_unknown_top_level_key_and_missing_group_are_named():
+    d = compose()
+    d["roundz"] = 3
+    with pytest.raises(ConfigError) as e:
+        FedConfig.from_dict(d)
+    assert e.value.key == "roundz"
+    d = compose()
+    del d["clients"]
+    with pytest.raises(ConfigError, match="clients: missing config group"):
+        FedConfig.from_dict(d)
 
 
 def test_privacy_checks_against_client_sizes():
-    cfg = compose(["privacy=dp", "privacy.delta=0.03"])
-    validate(cfg)
+    cfg = config("privacy=dp", "privacy.delta=0.03")
     with pytest.raises(ConfigError, match="privacy.delta.*smallest client has n_k=50"):
-        validate_against_data(cfg, [400, 50])
-    cfg = compose(["privacy=dp", "clients.batch_size=64"])
-    with pytest.raises(ConfigError, match="clients.batch_size"):
-        validate_against_data(cfg, [400, 50])
-    validate_against_data(compose(["privacy=dp"]), [400, 500])
+        check_client_sizes(cfg, [400, 50])
+    with pytest.raises(ConfigError) as e:
+        check_client_sizes(config("privacy=dp", "clients.batch_size=64"), [400, 50])
+    assert e.value.key == "clients.batch_size"
+    check_client_sizes(config("privacy=dp"), [400, 500])
 
 
+@pytest.mark.federation
 def test_cli_refuses_bad_override_before_any_work(tmp_path):
-    """The real command: exits 2 with the key named, and starts nothing (no run directory content)."""
+    """The real command: exits 2 with the key named, and starts nothing (no run directory at all)."""
+    for bad, words in (("clients.per_round=50", ("clients.per_round", "clients.num")),
+                       ("strategy=bogus", ("strategy/bogus", "fedsvd")),
+                       ("roundz=3", ("roundz",))):
+        r = subprocess.run(
+            [sys.executable, "-m", "fedlora.cli", "run", bad, f"runs_root={tmp_path}"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert r.returncode == 2, (bad, r.stderr[-2000:])
+        assert all(w in r.stderr for w in words), (bad, r.stderr[-2000:])
+        assert not tmp_path.exists() or not any(tmp_path.iterdir()), (bad, list(tmp_path.rglob("*")))
+
+
+@pytest.mark.federation
+def test_cli_refuses_a_bad_sweep_point_before_any_work(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", "run", "clients.per_round=50", f"runs_root={tmp_path}"],
+        [sys.executable, "-m", "fedlora.cli", "run", "-m", "rounds=2,0", f"runs_root={tmp_path}"],
         capture_output=True, text=True, timeout=300,
     )
-    assert r.returncode == 2, r.stderr
-    assert "clients.per_round" in r.stderr and "clients.num" in r.stderr
-    assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob("config.json"))
+    assert r.returncode == 2 and "rounds" in r.stderr, r.stderr[-2000:]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+@pytest.mark.federation
 def test_cli_help_lists_groups():
-    r = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", "--help"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", "--help"], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0
     for group in ("strategy:", "privacy:", "data:", "model:", "clients:", "runtime:", "tracking:"):
         assert group in r.stdout

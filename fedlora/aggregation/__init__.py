@@ -1,6 +1,12 @@
-"""Server-side aggregation strategies: pure maths on named adapter tensors, registered by name."""
+"""Server-side aggregation strategies: pure maths on named adapter tensors, registered by name.
 
-from fedlora.aggregation import fedavg, fedsa, fedsvd, ffa  # noqa: F401  (registration)
+Every module of this package is imported here, so a strategy module dropped into the package registers itself
+(``@register("name")``) with no other edit; strategies outside it register when ``strategy.module`` names them.
+"""
+
+import importlib
+import pkgutil
+
 from fedlora.aggregation.base import (
     ClientUpdate,
     Strategy,
@@ -13,6 +19,9 @@ from fedlora.aggregation.base import (
     lora_pairs,
     register,
 )
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = [
     "ClientUpdate",

@@ -29,6 +29,8 @@ LORA_A = "lora_A"
 LORA_B = "lora_B"
 HEAD = "head"
 KINDS = (LORA_A, LORA_B, HEAD)
+#: how client updates are weighted: by example counts, or equally
+WEIGHTINGS = ("examples", "uniform")
 
 
 def kind_of(key: str) -> str:
@@ -78,14 +80,18 @@ class Strategy(ABC):
     shares: ClassVar[tuple[str, ...]] = ()
     #: whether a meaningful single global model exists (False for personalised strategies)
     has_global_model: ClassVar[bool] = True
+    #: whether ``reference_global`` builds a labelled reference model from the clients' personal states
+    has_reference_global: ClassVar[bool] = False
 
     def __init__(self, *, train_head: bool = True, weighting: str = "examples", **params: Any) -> None:
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"strategy.weighting={weighting!r}: allowed values are 'examples', 'uniform'")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"strategy.weighting={weighting!r}: allowed values are {list(WEIGHTINGS)}")
         if params:
             raise ValueError(f"strategy {self.name!r} got unknown parameters: {sorted(params)}")
         self.train_head = train_head
         self.weighting = weighting
+        #: figures of the last ``aggregate`` call (numbers and strings), tracked per round
+        self.last_stats: dict[str, Any] = {}
 
     # ---- what trains, what travels -------------------------------------------------------------
     def trains_key(self, key: str) -> bool:
@@ -140,6 +146,12 @@ class Strategy(ABC):
         out.update(payload)
         return out
 
+    def reference_global(
+        self, global_state: Tensors, personal_states: list[Tensors], weights: list[float] | None = None
+    ) -> Tensors:
+        """Personalised strategies: a labelled reference global model from the clients' personal states."""
+        raise NotImplementedError(f"strategy {self.name!r} has no reference global model")
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -186,3 +198,29 @@ def get_class(name: str) -> type[Strategy]:
 def create(name: str, **params: Any) -> Strategy:
     """Instantiate a registered strategy by name."""
     return get_class(name)(**params)
+
+
+def apply_mean_delta(strategy: Strategy, global_state: Tensors, updates: list[ClientUpdate]) -> Tensors:
+    """X ← X + Σ p_k ΔX_k for every shared key (p_k: ``strategy.weights``); unshared keys pass through.
+
+    Accumulates in fp64 (each Δ widened exactly, scaled, added in client order: the same operations per element
+    as ``weighted_sum``), with two reused fp64 buffers per shape (small enough to stay in cache) instead of
+    fresh tensors per client and key."""
+    p = strategy.weights(updates).tolist()
+    out = dict(global_state)
+    bufs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in global_state:
+        if not strategy.shares_key(key):
+            continue
+        first = updates[0].deltas[key]
+        shape = tuple(first.shape)
+        if shape not in bufs:
+            bufs[shape] = (torch.empty(shape, dtype=torch.float64), torch.empty(shape, dtype=torch.float64))
+        acc, tmp = bufs[shape]
+        acc.zero_()
+        for w, u in zip(p, updates):
+            tmp.copy_(u.deltas[key])  # exact widening, as .to(float64)
+            tmp.mul_(w)
+            acc.add_(tmp)
+        out[key] = global_state[key] + acc.to(first.dtype)
+    return out

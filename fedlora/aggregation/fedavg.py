@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-from fedlora.aggregation.base import HEAD, LORA_A, LORA_B, ClientUpdate, Strategy, Tensors, register, weighted_sum
-
-
-def apply_mean_delta(strategy: Strategy, global_state: Tensors, updates: list[ClientUpdate]) -> Tensors:
-    """X ← X + Σ p_k ΔX_k for every shared key; unshared keys pass through unchanged."""
-    p = strategy.weights(updates)
-    out = dict(global_state)
-    for key in global_state:
-        if strategy.shares_key(key):
-            out[key] = global_state[key] + weighted_sum(updates, p, key)
-    return out
+from fedlora.aggregation.base import HEAD, LORA_A, LORA_B, ClientUpdate, Strategy, Tensors, apply_mean_delta, register
 
 
 @register("fedavg")

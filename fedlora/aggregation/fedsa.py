@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedlora.aggregation.base import HEAD, LORA_A, LORA_B, ClientUpdate, Strategy, Tensors, register
-from fedlora.aggregation.fedavg import apply_mean_delta
+from fedlora.aggregation.base import HEAD, LORA_A, LORA_B, ClientUpdate, Strategy, Tensors, apply_mean_delta, register
 
 #: how a model built by ``FedSALoRA.reference_global`` must be labelled wherever it is reported
 REFERENCE_LABEL = "reference global model (global A + averaged personal B/head; not a deployed model)"
@@ -26,6 +25,7 @@ class FedSALoRA(Strategy):
     trains = (LORA_A, LORA_B, HEAD)
     shares = (LORA_A,)
     has_global_model = False
+    has_reference_global = True
 
     # init_global (base): the shared A keys plus frozen keys (the head when train_head is False); B and a
     # trained head are personal and come from each client's own model init.

@@ -30,7 +30,16 @@ from typing import Any, Callable
 
 import torch
 
-from fedlora.aggregation.base import LORA_A, LORA_B, ClientUpdate, Tensors, kind_of, lora_pairs, register
+from fedlora.aggregation.base import (
+    LORA_A,
+    LORA_B,
+    ClientUpdate,
+    Tensors,
+    apply_mean_delta,
+    kind_of,
+    lora_pairs,
+    register,
+)
 from fedlora.aggregation.ffa import FFALoRA
 
 log = logging.getLogger(__name__)
@@ -179,30 +188,6 @@ def lora_digest(state: Tensors) -> str:
     return h.hexdigest()
 
 
-def mean_delta(strategy: FFALoRA, global_state: Tensors, updates: list[ClientUpdate]) -> Tensors:
-    """X ← X + Σ p_k ΔX_k for every shared key: bit-identical to ``fedavg.apply_mean_delta`` (the same fp64
-    operations, per element, in the same client order), but with two reused fp64 buffers per shape (small
-    enough to stay in cache) instead of three fresh tensors per client and key."""
-    p = strategy.weights(updates).tolist()
-    out = dict(global_state)
-    bufs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-    for key in global_state:
-        if not strategy.shares_key(key):
-            continue
-        first = updates[0].deltas[key]
-        shape = tuple(first.shape)
-        if shape not in bufs:
-            bufs[shape] = (torch.empty(shape, dtype=torch.float64), torch.empty(shape, dtype=torch.float64))
-        acc, tmp = bufs[shape]
-        acc.zero_()
-        for w, u in zip(p, updates):
-            tmp.copy_(u.deltas[key])  # exact widening, as .to(float64)
-            tmp.mul_(w)
-            acc.add_(tmp)
-        out[key] = global_state[key] + acc.to(first.dtype)
-    return out
-
-
 @register("fedsvd")
 class FedSVD(FFALoRA):
     """FFA-LoRA with a server SVD re-factorisation every ``svd_every`` aggregations (0: never = FFA-LoRA).
@@ -231,7 +216,7 @@ class FedSVD(FFALoRA):
 
     # ---- server half ---------------------------------------------------------------------------
     def aggregate(self, global_state: Tensors, updates: list[ClientUpdate]) -> Tensors:
-        out = mean_delta(self, global_state, updates)  # B' and head; A passes through
+        out = apply_mean_delta(self, global_state, updates)  # B' and head; A passes through
         version = self.version + 1
         if self.svd_every and version % self.svd_every == 0:
             pre_b = {b: out[b] for _, b in lora_pairs(out).values()}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedlora.aggregation.base import HEAD, LORA_B, ClientUpdate, Strategy, Tensors, register
-from fedlora.aggregation.fedavg import apply_mean_delta
+from fedlora.aggregation.base import HEAD, LORA_B, ClientUpdate, Strategy, Tensors, apply_mean_delta, register
 
 
 @register("ffa")

@@ -48,15 +48,17 @@ FP16_TINY = 2.0**-24
 _PARTS = {32: ("values",), 16: ("values",), 8: ("codes", "scales"), 4: ("codes", "scales"), 2: ("codes", "scales")}
 
 
-def _check_bits(bits: Any) -> int:
+def check_bits(bits: Any, key: str = "bits") -> int:
+    """``bits`` if it is a bitwidth of the ladder, else a ``ValueError`` naming ``key`` and the ladder (the one
+    place the ladder is checked)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITWIDTHS:
-        raise ValueError(f"bits={bits!r}: allowed values are {list(BITWIDTHS)}")
+        raise ValueError(f"{key}={bits!r}: allowed values are {list(BITWIDTHS)}")
     return bits
 
 
 def qmax(bits: int) -> int:
     """Largest integer level of a b-bit symmetric grid (127, 7, 1 for 8, 4, 2 bits)."""
-    if _check_bits(bits) not in INT_BITWIDTHS:
+    if check_bits(bits) not in INT_BITWIDTHS:
         raise ValueError(f"bits={bits}: only {list(INT_BITWIDTHS)} are integer-quantised")
     return 2 ** (bits - 1) - 1
 
@@ -119,7 +121,7 @@ def _unpack(codes: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 def encode(t: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     """Encode one tensor at ``bits`` (see the module docstring for the exact format)."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     t = _as_fp32(t)
     if bits == 32:
         return {"values": t.reshape(-1).clone()}
@@ -157,7 +159,7 @@ def decode(
     enc: Mapping[str, torch.Tensor], bits: int, shape: torch.Size | tuple[int, ...], *, what: str = "payload"
 ) -> torch.Tensor:
     """Decode ``encode(t, bits)`` back to an fp32 tensor of ``shape``; raises ``ValueError`` if malformed."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     shape = torch.Size(shape)
     numel = math.prod(shape)
     extra = sorted(set(enc) - set(_PARTS[bits]))
@@ -199,7 +201,7 @@ def payload_bytes(enc: Mapping[str, torch.Tensor]) -> int:
 
 def expected_payload_bytes(shape: torch.Size | tuple[int, ...], bits: int) -> int:
     """``payload_bytes(encode(t, bits))`` for any tensor ``t`` of ``shape``, without encoding it."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     numel = math.prod(tuple(shape))
     if bits in (32, 16):
         return numel * bits // 8
@@ -217,7 +219,7 @@ def error_bound(t: torch.Tensor, bits: int) -> torch.Tensor:
 
     A relative slack of 2^-20·|t| (plus 2^-40 absolute) covers fp32 evaluation of the difference.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     t = _as_fp32(t)
     a = t.abs().to(torch.float64)
     if bits == 32:
@@ -238,7 +240,7 @@ def error_bound(t: torch.Tensor, bits: int) -> torch.Tensor:
 # ---- named state dicts <-> flat wire dicts -------------------------------------------------------------
 def encode_tensors(tensors: Mapping[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
     """Encode every tensor; returns a flat ``{f"{key}::{part}": tensor}`` dict (parts per ``bits``)."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if SEP in key:
@@ -256,7 +258,7 @@ def decode_tensors(
     Raises ``ValueError`` naming the key for a missing key, a missing or unexpected part, a flat key that
     is not ``key::part``, or any malformed part (dtype, size, code range, padding, scales).
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for fk, x in flat.items():
         if not isinstance(fk, str) or SEP not in fk:
@@ -281,6 +283,7 @@ def decode_tensors(
 
 __all__ = [
     "BITWIDTHS",
+    "check_bits",
     "INT_BITWIDTHS",
     "decode",
     "decode_tensors",

@@ -1,7 +1,7 @@
 """Client-owned state on disk, keyed by client identity: held global adapter, personal tensors, privacy ledger.
 
 Flower's deployment runs a fresh ClientApp process per round and a coordinator may restart, so nothing a
-client must remember may live only in memory. Every write is atomic (temp file + rename).
+client must remember may live only in memory. Every write is atomic (``fedlora.atomic_io``).
 """
 
 from __future__ import annotations
@@ -9,42 +9,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from fedlora.aggregation.base import Tensors
+from fedlora.atomic_io import atomic_torch_save, atomic_write_json
 
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 class ClientStore:

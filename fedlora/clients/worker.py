@@ -1,14 +1,14 @@
 """What one client does with one message, free of Flower so it can be tested and reused on a device.
 
-The Flower ClientApp (``fedlora.clients.app``) only converts records to tensors and calls ``train`` /
-``evaluate`` here. Everything a client must remember between rounds (the global adapter it synced to, its
-personal factors, its privacy ledger) lives in a ``ClientStore`` keyed by the client's identity, so a fresh
-process per round (Flower deployment) or a restarted coordinator changes nothing.
+The Flower ClientApp (``fedlora.clients.app``) only converts records and calls ``hello`` / ``train`` / ``evaluate``
+here. Everything a client must remember between rounds (the global adapter it synced to, its personal factors,
+its privacy ledger) lives in a ``ClientStore`` keyed by the client's identity, so a fresh process per round
+(Flower deployment) or a restarted coordinator changes nothing.
 
-Heavy objects (model, tokenizer, tokenised data) are cached per process: Flower's simulation runs many
-virtual clients in a few Ray actors, and rebuilding MiniLM per message would cost seconds. The cached model
-is only a workspace: before every use its whole adapter is overwritten from (seeded init ∪ synced global ∪
-this client's personal state), so no state leaks from one client to the next through it.
+Heavy objects (model, tokenizer, tokenised data) are cached per process: Flower's simulation runs many virtual
+clients in a few Ray actors, and rebuilding MiniLM per message would cost seconds. The cached model is only a
+workspace: before every use its whole adapter is overwritten from (seeded init ∪ synced global ∪ this client's
+personal state), so no state leaks from one client to the next through it.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from fedlora.aggregation.base import Strategy, Tensors
-
-CLIENT_ID_FMT = "client-{:03d}"
+from fedlora.aggregation.quant import check_bits, decode_tensors, encode_tensors
+from fedlora.clients.state import ClientStore
+from fedlora.federation import ClientSpec
 
 
 class StaleState(RuntimeError):
@@ -31,10 +30,9 @@ class StaleState(RuntimeError):
 
 @dataclass
 class ClientContext:
-    cfg: dict
+    spec: ClientSpec
     index: int
     client_id: str
-    bits: int
     strategy: Strategy
     model: Any
     pad_id: int
@@ -46,64 +44,35 @@ class ClientContext:
 _CACHE: dict[str, Any] = {}
 
 
-def _specs(cfg: dict):
-    from fedlora.clients.data import DataSpec
-    from fedlora.clients.model import ModelSpec
-
-    data = DataSpec.from_dict({**cfg["data"], "seed": cfg["seed"]})
-    model = ModelSpec.from_dict({**cfg["model"], "seed": cfg["seed"], "num_labels": cfg["num_labels"]})
-    return data, model
-
-
-def make_strategy(cfg: dict) -> Strategy:
-    from fedlora.aggregation import create
-
-    s = cfg["strategy"]
-    return create(s["name"], train_head=s["train_head"], weighting=s["weighting"], **(s.get("params") or {}))
-
-
-def _model_entry(cfg: dict):
+def _model_entry(spec: ClientSpec):
     """(model, tokenizer, seeded initial adapter) for this model spec, built once per process."""
-    from fedlora.clients.model import adapter_state, build_model, configure_threads, load_tokenizer
+    from fedlora.task.model import adapter_state, build_model, configure_threads, load_tokenizer
 
-    _, mspec = _specs(cfg)
-    key = "model:" + repr(mspec)
+    key = f"model:{spec.model!r}:{spec.num_labels}:{spec.seed}"
     if key not in _CACHE:
-        configure_threads(cfg.get("runtime", {}).get("torch_threads"))
-        model = build_model(mspec)
-        tok = load_tokenizer(mspec)
+        configure_threads(spec.torch_threads)
+        model = build_model(spec.model, num_labels=spec.num_labels, seed=spec.seed)
+        tok = load_tokenizer(spec.model)
         _CACHE.clear()  # one model per process: a new federation spec replaces the old one
         _CACHE[key] = (model, tok, adapter_state(model))
     return _CACHE[key]
 
 
-def client_bits(cfg: dict, index: int) -> int:
-    from fedlora.config import fleet_mix
+def context(spec: ClientSpec, site, index: int, client_id: str | None = None) -> ClientContext:
+    """The client ``index`` of ``site`` (its records tokenised once per process) ready for ``spec``."""
+    from fedlora.task.data import tokenize
 
-    mix = fleet_mix(cfg)
-    if set(mix) == {32}:
-        return 32
-    from fedlora.aggregation.bitwidth import fleet_bitwidths
-
-    return fleet_bitwidths(mix, cfg["clients"]["num"], cfg["seed"])[index]
-
-
-def context(cfg: dict, index: int, client_id: str | None = None) -> ClientContext:
-    from fedlora.clients.data import client_split, tokenize
-
-    model, tok, init = _model_entry(cfg)
-    dspec, mspec = _specs(cfg)
-    key = f"data:{dspec!r}:{cfg['clients']['num']}:{index}"
+    model, tok, init = _model_entry(spec)
+    key = f"data:{site.cache_key(index)}:{spec.model.max_length}"
     if key not in _CACHE:
-        train, val = client_split(dspec, cfg["clients"]["num"], index)
-        _CACHE[key] = (tokenize(train, tok, mspec.max_length), tokenize(val, tok, mspec.max_length))
+        train, val = site.records(index)
+        _CACHE[key] = (tokenize(train, tok, spec.model.max_length), tokenize(val, tok, spec.model.max_length))
     train, val = _CACHE[key]
     return ClientContext(
-        cfg=cfg,
+        spec=spec,
         index=index,
-        client_id=client_id or CLIENT_ID_FMT.format(index),
-        bits=client_bits(cfg, index),
-        strategy=make_strategy(cfg),
+        client_id=client_id or site.client_id(index),
+        strategy=spec.strategy.create(),
         model=model,
         pad_id=tok.pad_token_id or 0,
         init_adapter=init,
@@ -112,29 +81,30 @@ def context(cfg: dict, index: int, client_id: str | None = None) -> ClientContex
     )
 
 
-def hello(ctx: ClientContext, store) -> dict:
+def hello(ctx: ClientContext, store: ClientStore) -> dict:
     _, held_version = store.load_held()
     return {
         "client_id": ctx.client_id,
         "index": ctx.index,
         "n_train": len(ctx.train),
         "n_val": len(ctx.val),
-        "bits": ctx.bits,
         "held_version": -1 if held_version is None else held_version,
     }
 
 
-def _decode_payload(ctx: ClientContext, payload: Tensors) -> Tensors:
-    if ctx.bits == 32:
-        return payload
-    from fedlora.aggregation.quant import decode_tensors
+def _bits(meta: dict) -> int:
+    return check_bits(meta.get("bits", 32), key="meta.bits")
 
+
+def _decode_payload(ctx: ClientContext, payload: Tensors, bits: int) -> Tensors:
+    if bits == 32:
+        return payload
     shapes = {k: v.shape for k, v in ctx.init_adapter.items()}
     keys = {k.split("::", 1)[0] for k in payload}
-    return decode_tensors(payload, ctx.bits, {k: shapes[k] for k in keys})
+    return decode_tensors(payload, bits, {k: shapes[k] for k in keys})
 
 
-def sync(ctx: ClientContext, store, payload: Tensors, meta: dict) -> Tensors:
+def sync(ctx: ClientContext, store: ClientStore, payload: Tensors, meta: dict) -> Tensors:
     """The full global adapter state for this round, from what the client held and the downlink."""
     held, held_version = store.load_held()
     base = meta.get("base_version")
@@ -142,14 +112,15 @@ def sync(ctx: ClientContext, store, payload: Tensors, meta: dict) -> Tensors:
         raise StaleState(
             f"{ctx.client_id} holds global version {held_version}, the payload is a delta on version {base}"
         )
-    full = ctx.strategy.client_sync(held if base is not None else None, _decode_payload(ctx, payload), meta.get("sync", {}))
+    payload = _decode_payload(ctx, payload, _bits(meta))
+    full = ctx.strategy.client_sync(held if base is not None else None, payload, meta.get("sync", {}))
     store.save_held(full, int(meta["version"]))
     return full
 
 
-def _load_workspace(ctx: ClientContext, store, global_state: Tensors) -> Tensors:
+def _load_workspace(ctx: ClientContext, store: ClientStore, global_state: Tensors) -> Tensors:
     """Overwrite the cached model's whole adapter: init, then global, then this client's personal keys."""
-    from fedlora.clients.model import load_adapter_state
+    from fedlora.task.model import load_adapter_state
 
     personal = {k: v for k, v in store.load_personal().items() if ctx.strategy.personal_key(k)}
     start = {**ctx.init_adapter, **global_state, **personal}
@@ -157,54 +128,51 @@ def _load_workspace(ctx: ClientContext, store, global_state: Tensors) -> Tensors
     return start
 
 
-def _ledger(ctx: ClientContext, store):
-    from fedlora.privacy.calibrate import DPSettings
+def _ledger(ctx: ClientContext, store: ClientStore):
     from fedlora.privacy.ledger import PrivacyLedger
 
-    settings = DPSettings.from_dict(ctx.cfg["privacy"])
     saved = store.load_ledger()
     if saved is not None:
-        return settings, PrivacyLedger.from_state_dict(saved)
-    ledger = PrivacyLedger.create(
-        settings,
+        return PrivacyLedger.from_state_dict(saved)
+    return PrivacyLedger.create(
+        ctx.spec.privacy,
         n=len(ctx.train),
-        batch_size=ctx.cfg["clients"]["batch_size"],
-        rounds=ctx.cfg["rounds"],
-        local_steps=ctx.cfg["clients"]["local_steps"],
+        batch_size=ctx.spec.batch_size,
+        rounds=ctx.spec.rounds,
+        local_steps=ctx.spec.local_steps,
     )
-    return settings, ledger
 
 
-def train(ctx: ClientContext, store, payload: Tensors, meta: dict) -> tuple[Tensors, dict, dict]:
+def train(ctx: ClientContext, store: ClientStore, payload: Tensors, meta: dict) -> tuple[Tensors, dict, dict]:
     """One round of local training. Returns (upload, metrics, info); an empty upload when declined."""
-    from fedlora.clients.model import adapter_state, set_trainable
     from fedlora.clients.trainer import train_local
+    from fedlora.task.model import adapter_state, set_trainable
 
     t0 = time.perf_counter()
+    bits = _bits(meta)
     global_state = sync(ctx, store, payload, meta)
     start = _load_workspace(ctx, store, global_state)
     set_trainable(ctx.model, ctx.strategy.trains_key)
-    privacy, ledger = (None, None)
-    if ctx.cfg["privacy"].get("enabled"):
-        privacy, ledger = _ledger(ctx, store)
+    privacy = ctx.spec.privacy if ctx.spec.privacy.enabled else None
+    ledger = _ledger(ctx, store) if privacy is not None else None
     rnd = int(meta["round"])
     res = train_local(
         ctx.model,
         ctx.train,
-        steps=ctx.cfg["clients"]["local_steps"],
-        batch_size=ctx.cfg["clients"]["batch_size"],
-        lr=ctx.cfg["strategy"]["lr"],
-        optimizer=ctx.cfg["strategy"]["optimizer"],
-        seed=ctx.cfg["seed"] * 1_000_003 + rnd * 1009 + ctx.index,
+        steps=ctx.spec.local_steps,
+        batch_size=ctx.spec.batch_size,
+        lr=ctx.spec.strategy.lr,
+        optimizer=ctx.spec.strategy.optimizer,
+        seed=ctx.spec.seed * 1_000_003 + rnd * 1009 + ctx.index,
         pad_id=ctx.pad_id,
         privacy=privacy,
         ledger=ledger,
     )
-    info: dict[str, Any] = {"client_id": ctx.client_id, "bits": ctx.bits, "declined": res.declined or ""}
+    info: dict[str, Any] = {"client_id": ctx.client_id, "bits": bits, "declined": res.declined or ""}
     if ledger is not None:
         store.save_ledger(ledger.state_dict())
-        info["ledger"] = json.dumps(_ledger_summary(ledger))
-        info["can_run_next"] = int(ledger.can_run(ctx.cfg["clients"]["local_steps"]))
+        info["ledger"] = json.dumps(ledger_summary(ledger))
+        info["can_run_next"] = int(ledger.can_run(ctx.spec.local_steps))
     metrics = {
         "loss": float(res.loss) if res.loss is not None else float("nan"),
         "num_examples": len(ctx.train),
@@ -221,17 +189,15 @@ def train(ctx: ClientContext, store, payload: Tensors, meta: dict) -> tuple[Tens
     personal = {k: after[k] for k in after if ctx.strategy.personal_key(k)}
     if personal:
         store.save_personal(personal)
-    if ctx.bits != 32:
-        from fedlora.aggregation.quant import encode_tensors
-
-        upload = encode_tensors(upload, ctx.bits)
+    if bits != 32:
+        upload = encode_tensors(upload, bits)
     metrics["client_s"] = time.perf_counter() - t0
     return upload, metrics, info
 
 
-def evaluate(ctx: ClientContext, store, payload: Tensors, meta: dict) -> dict:
+def evaluate(ctx: ClientContext, store: ClientStore, payload: Tensors, meta: dict) -> dict:
     """Personalised evaluation: synced global + this client's own personal state, on its own validation split."""
-    from fedlora.clients.trainer import evaluate as eval_model
+    from fedlora.task.train import evaluate as eval_model
 
     global_state = sync(ctx, store, payload, meta)
     _load_workspace(ctx, store, global_state)
@@ -239,7 +205,7 @@ def evaluate(ctx: ClientContext, store, payload: Tensors, meta: dict) -> dict:
     return {"accuracy": float(out["accuracy"]), "loss": float(out["loss"]), "num_examples": int(out["n"])}
 
 
-def _ledger_summary(ledger) -> dict:
+def ledger_summary(ledger) -> dict:
     return {
         "epsilon": ledger.epsilon(),
         "steps": ledger.steps,
@@ -249,21 +215,3 @@ def _ledger_summary(ledger) -> dict:
         "sample_rate": ledger.sample_rate,
         "accountant": ledger.accountant,
     }
-
-
-def payload_bytes(tensors: Tensors) -> int:
-    return int(sum(t.numel() * t.element_size() for t in tensors.values()))
-
-
-def to_records(tensors: Tensors):
-    from flwr.app import ArrayRecord
-
-    return ArrayRecord(torch_state_dict={k: v.contiguous() for k, v in tensors.items()})
-
-
-def from_records(rec) -> Tensors:
-    return {k: v for k, v in rec.to_torch_state_dict().items()} if rec is not None else {}
-
-
-def tensors_equal(a: Tensors, b: Tensors) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,104 +1,74 @@
-"""Flower's ServerApp as a thin shell: the coordinator actor decides, Flower carries the messages."""
+"""Flower's ServerApp as a thin shell: the coordinator decides, Flower's grid carries the messages."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.clients import worker
+from fedlora import wire
+from fedlora.coordinator.observers import RoundObserver
+from fedlora.coordinator.records import Downlink
+from fedlora.coordinator.rounds import local_view, run_rounds
 
 log = logging.getLogger("fedlora.server")
 
-
-def _call(coord, method: str, *args):
-    """Call a coordinator method whether it is a Ray actor handle or a plain object (tests)."""
-    fn = getattr(coord, method)
-    if hasattr(fn, "remote"):
-        import ray
-
-        return ray.get(fn.remote(*args))
-    return fn(*args)
+KINDS = {"train": MessageType.TRAIN, "evaluate": MessageType.EVALUATE}
 
 
-def _messages(grid: Grid, plans: list[dict], spec: str, message_type: str) -> list[Message]:
-    msgs = []
-    for p in plans:
-        content = RecordDict({"config": ConfigRecord({"spec": spec, "meta": p["meta"]}), "global": worker.to_records(p["tensors"])})
-        msgs.append(Message(content=content, dst_node_id=p["node_id"], message_type=message_type))
-    return msgs
+class GridTransport:
+    """The round loop's transport over a Flower grid (simulation or deployment)."""
+
+    def __init__(self, grid: Grid, *, num_nodes: int, timeout_s: float) -> None:
+        self.grid = grid
+        self.num_nodes = num_nodes
+        self.timeout_s = timeout_s
+
+    def _wait_for_nodes(self) -> list[int]:
+        t0 = time.monotonic()
+        while True:
+            ids = list(self.grid.get_node_ids())
+            if len(ids) >= self.num_nodes or time.monotonic() - t0 > self.timeout_s:
+                return ids
+            time.sleep(0.5)
+
+    def handshake(self, spec: str) -> dict[int, dict]:
+        node_ids = self._wait_for_nodes()
+        if not node_ids:
+            raise RuntimeError(f"no client node connected within {self.timeout_s:.0f}s")
+        hello = [Message(content=wire.request(spec), dst_node_id=nid, message_type=MessageType.QUERY)
+                 for nid in node_ids]
+        hellos = {}
+        for r in self.grid.send_and_receive(hello, timeout=self.timeout_s):
+            if r.has_error():
+                log.warning("node %s failed the handshake: %s", r.metadata.src_node_id, r.error.reason)
+                continue
+            hellos[r.metadata.src_node_id] = dict(r.content.config_records["info"])
+        return hellos
+
+    def exchange(self, kind: str, spec: str, messages: list[Downlink]) -> list[dict]:
+        msgs = [Message(content=wire.request(spec, m.meta, m.tensors), dst_node_id=m.node_id,
+                        message_type=KINDS[kind]) for m in messages]
+        return [wire.read_reply(r) for r in self.grid.send_and_receive(msgs, timeout=self.timeout_s)]
 
 
-def _reply(msg: Message) -> dict:
-    node_id = msg.metadata.src_node_id
-    if msg.has_error():
-        return {"node_id": node_id, "error": f"{msg.error.code}: {msg.error.reason}"}
-    c = msg.content
-    out: dict[str, Any] = {"node_id": node_id, "error": None}
-    out["update"] = worker.from_records(c.array_records.get("update"))
-    out["metrics"] = dict(c.metric_records["metrics"]) if "metrics" in c.metric_records else {}
-    out["info"] = dict(c.config_records["info"]) if "info" in c.config_records else {}
-    return out
-
-
-def wait_for_nodes(grid: Grid, n: int, timeout_s: float) -> list[int]:
-    t0 = time.monotonic()
-    while True:
-        ids = list(grid.get_node_ids())
-        if len(ids) >= n or time.monotonic() - t0 > timeout_s:
-            return ids
-        time.sleep(0.5)
-
-
-def run_rounds(grid: Grid, coord, *, num_nodes: int, timeout_s: float, echo: Callable[[str], None] = print) -> dict:
-    """The whole federation: handshake, then plan → send/receive → finish, until the coordinator is done."""
-    spec = _call(coord, "spec")
-    node_ids = wait_for_nodes(grid, num_nodes, timeout_s)
-    if not node_ids:
-        raise RuntimeError(f"no client node connected within {timeout_s:.0f}s")
-    hello = [
-        Message(content=RecordDict({"config": ConfigRecord({"spec": spec})}), dst_node_id=nid, message_type=MessageType.QUERY)
-        for nid in node_ids
-    ]
-    hellos = {}
-    for r in grid.send_and_receive(hello, timeout=timeout_s):
-        if r.has_error():
-            log.warning("node %s failed the handshake: %s", r.metadata.src_node_id, r.error.reason)
-            continue
-        hellos[r.metadata.src_node_id] = dict(r.content.config_records["info"])
-    if not hellos:
-        raise RuntimeError("every client node failed the handshake; see the client logs above")
-    _call(coord, "register", hellos)
-    echo(f"{len(hellos)} clients ready")
-    while True:
-        plans = _call(coord, "plan_round")
-        if not plans:
-            break
-        replies = [_reply(m) for m in grid.send_and_receive(_messages(grid, plans, spec, MessageType.TRAIN), timeout=timeout_s)]
-        nxt = _call(coord, "finish_round", replies)
-        if nxt["evaluate_clients"]:
-            eplans = _call(coord, "plan_evaluate")
-            ereplies = [_reply(m) for m in grid.send_and_receive(_messages(grid, eplans, spec, MessageType.EVALUATE), timeout=timeout_s)]
-            _call(coord, "finish_evaluate", ereplies)
-        echo(_call(coord, "end_round"))
-    return _call(coord, "finish")
-
-
-def make_server_app(coord, *, num_nodes: int, timeout_s: float, outcome: dict) -> ServerApp:
+def make_server_app(coord: Any, *, num_nodes: int, timeout_s: float, outcome: dict,
+                    observers: list[RoundObserver] = ()) -> ServerApp:
     """A ServerApp bound to a coordinator (actor handle or object). ``outcome`` receives the summary or error."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            outcome["summary"] = run_rounds(grid, coord, num_nodes=num_nodes, timeout_s=timeout_s)
+            transport = GridTransport(grid, num_nodes=num_nodes, timeout_s=timeout_s)
+            outcome["summary"] = run_rounds(coord, transport, observers)
         except BaseException as e:  # reported by the caller after Flower shuts down
             outcome["error"] = e
             try:
-                _call(coord, "finish", "FAILED")
+                local_view(coord).finish("FAILED")
             except Exception:  # pragma: no cover - best effort
                 log.exception("could not close the run after the failure")
             raise

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fedlora.schema import ConfigError, Group, boolean, choice, doc, number
 
 ACCOUNTANTS = ("prv", "rdp")
 #: per-sample gradient engines: Opacus hooks, Opacus ghost clipping, and our Linear/LoRA-only fast path
@@ -14,81 +16,61 @@ GRAD_SAMPLE_MODES = ("hooks", "ghost", "lora_fast")
 PRV_MAX_POINTS = 4_000_000
 
 
+def check_accountant(name: object) -> str:
+    """``name`` if it is one of ``ACCOUNTANTS`` (the one place they are checked), else a ``ConfigError``."""
+    return choice("privacy.accountant", name, ACCOUNTANTS)
+
+
 @dataclass(frozen=True)
-class DPSettings:
-    """Record-level DP-SGD settings of one client (the ``privacy`` config group, less ``enabled``)."""
+class DPSettings(Group):
+    """The ``privacy`` config group: record-level DP-SGD settings of every client. ``enabled=False`` (the
+    ``privacy=none`` option) trains without DP and leaves the other keys null."""
 
-    epsilon: float
-    delta: float
-    clip: float
-    accountant: str = "prv"
-    noise_multiplier: float | None = None
-    max_participations: int | None = None
-    grad_sample_mode: str = "hooks"
+    KEY: ClassVar[str] = "privacy"
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DPSettings:
-        """From the ``privacy`` config group; ``enabled`` (and any key that is not a field) is ignored."""
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("epsilon", "delta", "clip"):
-            if k in kw and kw[k] is not None:
-                kw[k] = float(kw[k])
-        if kw.get("noise_multiplier") is not None:
-            kw["noise_multiplier"] = float(kw["noise_multiplier"])
-        if kw.get("max_participations") is not None:
-            kw["max_participations"] = int(kw["max_participations"])
-        return cls(**kw)
+    epsilon: float | None = doc("target ε per client over the whole run (> 0)")
+    delta: float | None = doc("target δ (> 0 and < 1/n_k for every client; 1e-5 is standard)")
+    clip: float | None = doc("per-sample gradient norm bound C (> 0)")
+    accountant: str | None = doc(f"privacy accountant: {list(ACCOUNTANTS)} (prv: tight, Opacus' default)",
+                                 default="prv")
+    noise_multiplier: float | None = doc("σ; null: calibrated from epsilon/delta/q/steps before training",
+                                         default=None)
+    max_participations: int | None = doc("null: calibrate for the worst case (every round); N: calibrate for N "
+                                         "rounds, hard stop after", default=None)
+    grad_sample_mode: str = doc(f"per-sample gradient engine: {list(GRAD_SAMPLE_MODES)}", default="hooks")
+    enabled: bool = doc("record-level DP-SGD on every client", default=True)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def _finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    def __post_init__(self) -> None:
+        boolean(self.key("enabled"), self.enabled)
+        choice(self.key("grad_sample_mode"), self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        if not self.enabled:
+            return
+        number(self.key("epsilon"), self.epsilon, gt=0)
+        number(self.key("delta"), self.delta, gt=0, lt=1)
+        number(self.key("clip"), self.clip, gt=0)
+        check_accountant(self.accountant)
+        number(self.key("noise_multiplier"), self.noise_multiplier, gt=0, optional=True)
+        number(self.key("max_participations"), self.max_participations, ge=1, integer=True, optional=True)
+        for k in ("epsilon", "delta", "clip", "noise_multiplier"):
+            v = getattr(self, k)
+            if v is not None:
+                object.__setattr__(self, k, float(v))
 
 
 def check_dp_settings(s: DPSettings, *, n: int, batch_size: int) -> None:
-    """Refuse settings that give no (or a meaningless) guarantee for a client with ``n`` training records.
-
-    Raises ``ValueError`` naming the config key and what to change."""
-    if not _finite_number(s.epsilon) or s.epsilon <= 0:
-        raise ValueError(f"privacy.epsilon={s.epsilon!r}: must be a finite number > 0 (the target ε per client)")
-    if not _finite_number(s.delta) or s.delta <= 0:
-        raise ValueError(f"privacy.delta={s.delta!r}: must be > 0 (1e-5 is standard; at most 1/n_k)")
+    """Refuse settings that give no (or a meaningless) guarantee for a client with ``n`` training records
+    (the static checks ran when ``s`` was built). Raises ``ConfigError`` naming the key and what to change."""
     if n <= 0:
-        raise ValueError(f"client has n={n} training records: DP-SGD needs at least one (lower clients.num)")
+        raise ConfigError("clients.num", f"a client has n={n} training records: DP-SGD needs at least one "
+                          "(lower clients.num)")
     if s.delta >= 1.0 / n:
-        raise ValueError(
-            f"privacy.delta={s.delta:g} must be < 1/n = {1.0 / n:.3g} for a client with n={n} records "
-            f"(δ ≥ 1/n allows releasing a record outright): use privacy.delta <= {1.0 / n / 10:.1e}"
-        )
-    if not _finite_number(s.clip) or s.clip <= 0:
-        raise ValueError(f"privacy.clip={s.clip!r}: the per-sample gradient norm bound must be > 0 (e.g. 1.0)")
-    if batch_size <= 0:
-        raise ValueError(f"clients.batch_size={batch_size}: must be > 0")
+        raise ConfigError("privacy.delta", f"{s.delta:g} must be < 1/n = {1.0 / n:.3g} for a client with n={n} "
+                          f"records (δ ≥ 1/n allows releasing a record outright): use privacy.delta <= "
+                          f"{1.0 / n / 10:.1e}")
     if batch_size > n:
-        raise ValueError(
-            f"clients.batch_size={batch_size} exceeds the client's n={n} records: the Poisson sample rate "
-            f"batch/n would be > 1; use clients.batch_size <= {n} (or fewer clients, clients.num)"
-        )
-    if s.accountant not in ACCOUNTANTS:
-        raise ValueError(f"privacy.accountant={s.accountant!r}: allowed values are {list(ACCOUNTANTS)}")
-    if s.grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(
-            f"privacy.grad_sample_mode={s.grad_sample_mode!r}: allowed values are {list(GRAD_SAMPLE_MODES)}"
-        )
-    if s.noise_multiplier is not None and (not _finite_number(s.noise_multiplier) or s.noise_multiplier <= 0):
-        raise ValueError(
-            f"privacy.noise_multiplier={s.noise_multiplier!r}: must be > 0, or null to calibrate it from "
-            "privacy.epsilon / privacy.delta"
-        )
-    if s.max_participations is not None and (
-        isinstance(s.max_participations, bool) or not isinstance(s.max_participations, int) or s.max_participations < 1
-    ):
-        raise ValueError(
-            f"privacy.max_participations={s.max_participations!r}: must be an integer >= 1, or null for every round"
-        )
+        raise ConfigError("clients.batch_size", f"{batch_size} exceeds the client's n={n} records: the Poisson "
+                          f"sample rate batch/n would be > 1; use clients.batch_size <= {n} (or fewer clients, "
+                          "clients.num)")
 
 
 def prv_grid_points(history: list[tuple[float, float, int]], delta: float, eps_error: float = 0.01) -> float:
@@ -121,8 +103,7 @@ def calibrate_noise(*, epsilon: float, delta: float, sample_rate: float, steps: 
 
     from opacus.accountants.utils import get_noise_multiplier
 
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"privacy.accountant={accountant!r}: allowed values are {list(ACCOUNTANTS)}")
+    check_accountant(accountant)
     if steps < 1:
         raise ValueError(f"cannot calibrate noise for {steps} steps: rounds and clients.local_steps must be >= 1")
     if not 0 < sample_rate <= 1:

@@ -12,10 +12,10 @@ from collections import OrderedDict
 from typing import Any
 
 from fedlora.privacy.calibrate import (
-    ACCOUNTANTS,
     PRV_MAX_POINTS,
     DPSettings,
     calibrate_noise,
+    check_accountant,
     check_dp_settings,
     prv_grid_points,
 )
@@ -30,11 +30,7 @@ History = list[tuple[float, float, int]]
 def _fresh_accountant(mechanism: str):
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    if mechanism == "prv":
-        return PRVAccountant()
-    if mechanism == "rdp":
-        return RDPAccountant()
-    raise ValueError(f"privacy.accountant={mechanism!r}: allowed values are {list(ACCOUNTANTS)}")
+    return {"prv": PRVAccountant, "rdp": RDPAccountant}[check_accountant(mechanism)]()
 
 
 def _rdp_epsilon(history: History, delta: float) -> float:
@@ -99,8 +95,7 @@ class PrivacyLedger:
         participations: int = 0,
         history: History | None = None,
     ) -> None:
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(f"privacy.accountant={accountant!r}: allowed values are {list(ACCOUNTANTS)}")
+        _fresh_accountant(accountant)  # refuses an unknown accountant (a ledger file is input too)
         self.target_epsilon = float(target_epsilon)
         self.delta = float(delta)
         self.noise_multiplier = float(noise_multiplier)

@@ -13,7 +13,7 @@ from fedlora.aggregation.fedsa import REFERENCE_LABEL, FedSALoRA
 
 def test_only_a_is_shared_and_b_head_are_personal():
     s = create("fedsa")
-    assert isinstance(s, FedSALoRA) and s.has_global_model is False
+    assert type(s) is FedSALoRA and s.has_global_model is False
     st = build_state()
     for k in st:
         kind = kind_of(k)

@@ -1,4 +1,4 @@
-"""Local training: exact step counts, DP-SGD through the ledger, the Opacus+PEFT trap, reuse, evaluation."""
+"""Local training: exact step counts, DP-SGD through the ledger, the Opacus+PEFT trap, reuse."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import random
 import pytest
 import torch
 
-from fedlora.clients.model import ModelSpec, adapter_state, build_model, load_adapter_state, set_trainable
-from fedlora.clients.trainer import TrainResult, evaluate, make_collate, train_local
+from fedlora.clients.trainer import train_local
 from fedlora.privacy.calibrate import DPSettings
 from fedlora.privacy.dp import leftover_dp_state
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.task.model import ModelSpec, adapter_state, build_model, load_adapter_state, set_trainable
+from fedlora.task.train import evaluate, make_collate
 
 torch.set_num_threads(1)
 
@@ -34,7 +35,7 @@ def first_token_task(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def built():
-    model = build_model(ModelSpec(name_or_path="tiny-bert"))
+    model = build_model(ModelSpec(name_or_path="tiny-bert"), num_labels=2, seed=0)
     return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -53,16 +54,6 @@ def _dp(mode="hooks", **kw) -> DPSettings:
 
 def _ledger(s: DPSettings, n: int, batch: int, rounds: int = 10, steps: int = 5) -> PrivacyLedger:
     return PrivacyLedger.create(s, n=n, batch_size=batch, rounds=rounds, local_steps=steps)
-
-
-def test_collate_pads_dynamically_and_handles_empty_batches():
-    c = make_collate(pad_id=7)
-    b = c([{"input_ids": [1, 2, 3], "labels": 1}, {"input_ids": [4], "labels": 0}])
-    assert b["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert b["labels"].tolist() == [1, 0] and b["labels"].dtype == torch.long
-    e = c([])
-    assert e["input_ids"].shape[0] == 0 and e["attention_mask"].shape[0] == 0 and e["labels"].shape == (0,)
 
 
 @pytest.mark.parametrize("dp", [False, True])
@@ -86,9 +77,9 @@ def test_runs_exactly_the_requested_steps(model, monkeypatch, dp):
     else:  # 11 steps of 8 cycle the 30 records three times
         res = train_local(model, data, steps=11, batch_size=8, lr=0.1, seed=0, pad_id=0)
         assert res.epsilon is None
-    assert isinstance(res, TrainResult)
     assert len(calls) == 11 and res.steps == 11 and res.examples == 30 and res.declined is None
-    assert math.isfinite(res.loss) or dp
+    if not dp:  # (under DP at q = 1/30 every batch may be empty, and the loss then nan)
+        assert math.isfinite(res.loss)
     assert not model.training
 
 
@@ -210,26 +201,3 @@ def test_privacy_needs_a_ledger(model):
     set_trainable(model, FFA)
     with pytest.raises(ValueError, match="both"):
         train_local(model, first_token_task(10, 0), steps=1, batch_size=2, lr=0.1, seed=0, pad_id=0, privacy=_dp())
-
-
-def test_evaluate(model):
-    data = first_token_task(50, 5)
-    model.train()
-    out = evaluate(model, data, batch_size=16, pad_id=0)
-    assert set(out) == {"loss", "accuracy", "n"} and out["n"] == 50
-    assert not model.training
-    with torch.no_grad():
-        b = make_collate(0)(data)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    assert out["accuracy"] == pytest.approx(float((logits.argmax(-1) == b["labels"]).float().mean()))
-    assert out["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, b["labels"])), rel=1e-5)
-
-
-def test_lora_layers_adapts_only_the_named_layers():
-    model = build_model(ModelSpec(name_or_path="tiny-bert", lora_layers=(1,)))
-    keys = list(adapter_state(model))
-    lora = [k for k in keys if "lora_" in k]
-    assert lora and all(".layer.1." in k for k in lora)
-    assert len(lora) == 4  # query and value of layer 1, A and B each
-    with pytest.raises(ValueError, match=r"lora_layers=\[2\].*layers 0\.\.1"):
-        build_model(ModelSpec(name_or_path="tiny-bert", lora_layers=(2,)))

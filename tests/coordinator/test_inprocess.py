@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from fedlora.aggregation.base import LORA_A, kind_of
-from fedlora.coordinator.run import run_inprocess
+from fedlora.lifecycle import run_inprocess
+
+pytestmark = pytest.mark.federation
 
 
 @pytest.fixture
@@ -22,17 +24,16 @@ def test_fedsa_reports_personalised_and_labelled_reference_global(run, tiny_cfg)
     s = run("strategy=fedsa")
     assert s["global_accuracy"] is None  # no global model
     last = s["history"][-1]
-    assert 0.0 <= s["personalized_accuracy"] <= 1.0 and last["personalized_clients"] == 4
-    assert 0.0 <= last["personalized_accuracy_unweighted"] <= 1.0
+    assert last["personalized_clients"] == 4
+    assert s["personalized_accuracy"] == last["personalized_accuracy"] is not None
     assert s["reference_global_accuracy"] == last["reference_global_accuracy"]
     assert "reference" in last["reference_global_label"]
     # bytes up: A only — per reporting client, the size of every lora_A tensor in fp32
-    from fedlora.clients import worker
+    from fedlora.task.model import adapter_state, build_model
 
-    from fedlora.coordinator.run import prepare
-
-    ctx = worker.context({**prepare(tiny_cfg("strategy=fedsa")), "state_root": "unused"}, 0)
-    a_bytes = sum(v.numel() * 4 for k, v in ctx.init_adapter.items() if kind_of(k) == LORA_A)
+    cfg = tiny_cfg("strategy=fedsa")
+    init = adapter_state(build_model(cfg.model, num_labels=2, seed=cfg.seed))
+    a_bytes = sum(v.numel() * 4 for k, v in init.items() if kind_of(k) == LORA_A)
     assert all(h["bytes_up"] == h["reported"] * a_bytes for h in s["history"])
 
 
@@ -40,7 +41,7 @@ def test_mixed_fleet_reports_accuracy_per_device_class_and_smaller_uploads(run):
     full = run("strategy=ffa", "rounds=1", "clients.per_round=4")
     mixed = run("strategy=ffa", "rounds=1", "clients.per_round=4", "clients.bitwidths={32: 0.5, 4: 0.5}")
     by_bits = mixed["history"][-1]["global_accuracy_by_bits"]
-    assert set(by_bits) == {4} and 0.0 <= by_bits[4] <= 1.0
+    assert set(by_bits) == {4}
     assert "global_accuracy_by_bits" not in full["history"][-1]
     per_client_full = full["history"][0]["bytes_up"] / full["history"][0]["reported"]
     assert mixed["history"][0]["bytes_up"] < mixed["history"][0]["reported"] * per_client_full
@@ -70,7 +71,7 @@ def test_mixed_fleet_composes_with_fedsvd_and_dp(run):
             "clients.bitwidths={32: 0.5, 4: 0.5}")
     assert s["rounds_completed"] == 2 and s["rejected_updates"] == 0
     assert all(h["strategy_stats"]["method"] == "progressive" for h in s["history"])
-    assert all(h["strategy_stats"]["dequantizer_fit_s"] > 0 for h in s["history"])
+    assert [h["strategy_stats"]["dequantizer_fits"] for h in s["history"]] == [1, 2]  # one fit per round
     assert set(s["history"][-1]["global_accuracy_by_bits"]) == {4}
     ledgers = s["privacy"]["ledgers"]
     assert len(ledgers) == 4 and all(0 < led["epsilon"] <= 20 for led in ledgers.values())

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
 import torch
 
 from fedlora.coordinator.core import Coordinator
+from fedlora.lifecycle import prepare
+from tests.conftest import TINY, config
 
 
 @pytest.fixture(scope="module")
-def coord(tmp_path_factory):
-    from tests.conftest import TINY, compose
-    from fedlora.coordinator.run import prepare
-
+def fresh(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    cfg = prepare(compose([*TINY, f"runs_root={root}", "strategy=fedavg"]))
-    c = Coordinator(cfg, str(root / "run"))
-    c.register({100 + i: {"client_id": f"client-{i:03d}", "n_train": 50, "bits": 32, "held_version": -1} for i in range(4)})
+    cfg = config(*TINY, f"runs_root={root}", "strategy=fedavg")
+    c = Coordinator(cfg, prepare(cfg), str(root / "run"))
+    c.register({100 + i: {"client_id": f"client-{i:03d}", "index": i, "n_train": 50, "held_version": -1}
+                for i in range(4)})
+    return c, copy.deepcopy(c.state_dict())
+
+
+@pytest.fixture
+def coord(fresh):
+    """The registered coordinator, restored to its state before any round (through its checkpoint API)."""
+    c, state = fresh
+    c.load_state_dict(copy.deepcopy(state))
     return c
 
 
@@ -38,53 +47,47 @@ def _bad_cases(coord):
     yield "exceeds clients.max_update_norm", {**good, key: torch.full_like(good[key], 1e6)}
 
 
-def test_each_bad_update_is_rejected_and_global_unchanged(coord, caplog):
-    for reason, deltas in _bad_cases(coord):
-        before = {k: v.clone() for k, v in coord.global_state.items()}
-        version = coord.version
-        plans = coord.plan_round()
-        nid = plans[0]["node_id"]
-        replies = [{"node_id": nid, "error": None, "update": deltas, "metrics": {"num_examples": 50, "loss": 0.5}, "info": {}}]
+def _reply(nid, update, num_examples=50, **kw):
+    return {"node_id": nid, "error": None, "update": update, "metrics": {"num_examples": num_examples, "loss": 0.5},
+            "info": {}, **kw}
+
+
+def test_each_bad_update_is_rejected_and_global_unchanged(fresh, caplog):
+    c, state = fresh
+    for reason, deltas in _bad_cases(c):
+        c.load_state_dict(copy.deepcopy(state))
+        before = {k: v.clone() for k, v in c.global_state.items()}
+        plan = c.plan_round()
+        nid = next(iter(plan.sent))
         with caplog.at_level(logging.WARNING, logger="fedlora.coordinator"):
-            coord.finish_round(replies)
-        row = coord._pending
-        coord._pending = None
-        coord.round -= 1  # replay the same round for the next case
-        assert row["rejected"] == 1 and row["reported"] == 0, reason
+            record = c.aggregate_round(plan.header(), [_reply(nid, deltas)])
+        assert record.rejected == 1 and record.reported == 0, reason
         assert reason in caplog.text
-        assert coord.version == version
-        assert all(torch.equal(before[k], coord.global_state[k]) for k in before), reason
+        assert c.version == 0
+        assert all(torch.equal(before[k], c.global_state[k]) for k in before), reason
         caplog.clear()
 
 
 def test_zero_examples_rejected(coord):
-    plans = coord.plan_round()
-    replies = [{"node_id": plans[0]["node_id"], "error": None, "update": _good(coord), "metrics": {"num_examples": 0}, "info": {}}]
-    coord.finish_round(replies)
-    assert coord._pending["rejected"] == 1
-    coord._pending, coord.round = None, coord.round - 1
+    plan = coord.plan_round()
+    record = coord.aggregate_round(plan.header(), [_reply(next(iter(plan.sent)), _good(coord), num_examples=0)])
+    assert record.rejected == 1 and coord.version == 0
 
 
 def test_error_reply_counts_as_failure_not_empty_aggregate(coord):
     before = {k: v.clone() for k, v in coord.global_state.items()}
-    plans = coord.plan_round()
+    plan = coord.plan_round()
+    n0, n1 = list(plan.sent)
     good = _good(coord)
-    replies = [
-        {"node_id": plans[0]["node_id"], "error": "0: ValueError: boom"},
-        {"node_id": plans[1]["node_id"], "error": None, "update": good, "metrics": {"num_examples": 50, "loss": 0.4}, "info": {}},
-    ]
-    coord.finish_round(replies)
-    row = coord._pending
-    assert row["failed"] == 1 and row["reported"] == 1 and row["dropped"] == 0
+    record = coord.aggregate_round(plan.header(), [{"node_id": n0, "error": "0: ValueError: boom"}, _reply(n1, good)])
+    assert record.failed == 1 and record.reported == 1 and record.dropped == 0
     # the one good update was applied in full (FedAvg over one client = its delta)
     for k in coord.expected:
         assert torch.allclose(coord.global_state[k], before[k] + good[k])
-    assert coord.client_versions[plans[0]["client_id"]] is None  # failed client gets a full payload next time
-    coord._pending = None
+    assert coord.client_versions[plan.sent[n0].client_id] is None  # failed client gets a full payload next time
 
 
 def test_missing_replies_count_as_dropped(coord):
-    plans = coord.plan_round()
-    coord.finish_round([])
-    assert coord._pending["dropped"] == len(plans) and coord._pending["reported"] == 0
-    coord._pending = None
+    plan = coord.plan_round()
+    record = coord.aggregate_round(plan.header(), [])
+    assert record.dropped == len(plan.sent) == 2 and record.reported == 0 and coord.version == 0

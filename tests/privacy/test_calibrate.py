@@ -5,27 +5,34 @@ from __future__ import annotations
 import pytest
 
 from fedlora.privacy.calibrate import (
-    GRAD_SAMPLE_MODES,
     DPSettings,
     calibrate_noise,
     check_dp_settings,
 )
 from fedlora.privacy.ledger import compute_epsilon
+from fedlora.schema import ConfigError
 
 GOOD = dict(epsilon=8.0, delta=1e-5, clip=1.0)
 
 
-def test_from_dict_ignores_enabled_and_coerces():
+def test_from_dict_coerces_and_refuses_unknown_keys():
     s = DPSettings.from_dict(
         {"enabled": True, "epsilon": 8, "delta": 1e-5, "clip": 1, "accountant": "rdp", "noise_multiplier": None,
          "max_participations": 3, "grad_sample_mode": "ghost"}
     )
     assert s == DPSettings(epsilon=8.0, delta=1e-5, clip=1.0, accountant="rdp", max_participations=3,
                            grad_sample_mode="ghost")
-    assert isinstance(s.epsilon, float)
+    assert isinstance(s.epsilon, float) and isinstance(s.clip, float)
     d = DPSettings.from_dict({"epsilon": 3.0, "delta": 1e-6, "clip": 0.5})
     assert (d.accountant, d.noise_multiplier, d.max_participations, d.grad_sample_mode) == ("prv", None, None, "hooks")
-    assert "lora_fast" in GRAD_SAMPLE_MODES and "hooks" in GRAD_SAMPLE_MODES
+    with pytest.raises(ConfigError) as e:
+        DPSettings.from_dict({"epsilon": 3.0, "delta": 1e-6, "clip": 0.5, "sigma": 1.0})
+    assert e.value.key == "privacy.sigma" and "unknown key" in str(e.value)
+
+
+def test_disabled_privacy_needs_no_values():
+    s = DPSettings.from_dict({"enabled": False, "epsilon": None, "delta": None, "clip": None, "accountant": None})
+    assert not s.enabled
 
 
 def test_good_settings_pass():
@@ -55,9 +62,9 @@ def test_good_settings_pass():
     ],
 )
 def test_bad_settings_refused_naming_the_key(change, n, batch, key, hint):
-    s = DPSettings(**{**GOOD, **change})
-    with pytest.raises(ValueError) as e:
-        check_dp_settings(s, n=n, batch_size=batch)
+    with pytest.raises(ConfigError) as e:  # static checks when built, data-dependent ones against n
+        check_dp_settings(DPSettings(**{**GOOD, **change}), n=n, batch_size=batch)
+    assert e.value.key == key
     assert key in str(e.value)
     assert hint in str(e.value)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.clients.model import ModelSpec, build_model, set_trainable
-from fedlora.clients.trainer import make_collate
 from fedlora.privacy.dp import PrivateTrainer, leftover_dp_state, poisson_batches
+from fedlora.task.model import ModelSpec, build_model, set_trainable
+from fedlora.task.train import make_collate
 
 torch.set_num_threads(1)
 
@@ -21,7 +21,7 @@ B_AND_HEAD = lambda k: "lora_B" in k or "classifier" in k  # noqa: E731
 def base():
     # float64, so that parameter deltas of ~1e-7 (the size of LoRA-B updates through a random head) are exact
     # enough to compare at 1e-6; the float32 path is exercised by the training tests
-    model = build_model(ModelSpec(name_or_path="tiny-bert")).double()
+    model = build_model(ModelSpec(name_or_path="tiny-bert"), num_labels=2, seed=0).double()
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0  # deterministic forward, so per-sample gradients can be recomputed one example at a time
@@ -75,7 +75,8 @@ def _per_sample_grads(model, batch):
     params = _params(model)
     out = []
     for i in range(batch["labels"].shape[0]):
-        logits = model(input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]).logits
+        one = slice(i, i + 1)
+        logits = model(input_ids=batch["input_ids"][one], attention_mask=batch["attention_mask"][one]).logits
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"][i : i + 1])
         out.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,13 @@ SUMMARY_KEYS = {
 }
 
 
-def run_cli(*args: str, timeout: int = 600) -> tuple[Path, str]:
-    r = subprocess.run([sys.executable, "-m", "fedlora.cli", *args], capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None, ok: bool = True) -> tuple[Path | None, str]:
+    r = subprocess.run([sys.executable, "-m", "fedlora.cli", *args], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    if not ok:
+        assert r.returncode != 0, r.stdout[-2000:]
+        first = next((ln for ln in r.stdout.splitlines() if ln.startswith("run dir: ")), None)
+        return (Path(first[len("run dir: "):]) if first else None), r.stdout + r.stderr
     assert r.returncode == 0, f"fedlora {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("run dir: "), r.stdout[-2000:]
@@ -29,24 +35,55 @@ def run_cli(*args: str, timeout: int = 600) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
+    """A DP federation whose coordinator is killed (SIGKILL) right after round 2's checkpoint, then continued with
+    `fedlora resume`: every test below reads the resumed run."""
     root = tmp_path_factory.mktemp("runs")
     overrides = [o for o in TINY if not o.startswith(("tracking=", "rounds=", "privacy="))]
-    run_dir, out = run_cli("run", *overrides, "rounds=3", "tracking=mlflow", f"runs_root={root}", "strategy=ffa",
-                           "privacy=dp", "privacy.epsilon=50")
-    return run_dir, out, json.loads((run_dir / "summary.json").read_text())
+    run_dir, crash_out = run_cli("run", *overrides, "rounds=3", "tracking=mlflow", f"runs_root={root}",
+                                 "strategy=ffa", "privacy=dp", "privacy.epsilon=50", ok=False,
+                                 env={"FEDLORA_FAILPOINTS": "coordinator.checkpointed@2=kill"})
+    assert run_dir is not None, crash_out[-3000:]
+    import torch
+
+    at_crash = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # what the killed coordinator left
+    resumed_dir, out = run_cli("resume", str(run_dir))
+    assert resumed_dir == run_dir
+    return run_dir, out, json.loads((run_dir / "summary.json").read_text()), at_crash
+
+
+def test_resume_continues_round_counter_global_state_and_ledgers(fed):
+    import torch
+
+    run_dir, out, s, at_crash = fed
+    assert at_crash["round"] == 2
+    assert [h["round"] for h in s["history"]] == [1, 2, 3] and s["rounds_completed"] == 3
+    # rounds 1-2 are the checkpoint's, not run again
+    assert s["history"][:2] == [{k: v for k, v in h.items() if k != "clients"} for h in at_crash["history"]]
+    assert s["mlflow"]["run_id"] == at_crash["run_id"]
+    # ledgers continue: every client that trained in round 3 has one more participation on top of its round-2 ε
+    before, after = at_crash["ledgers"], s["privacy"]["ledgers"]
+    assert set(before) <= set(after)
+    for cid, led in after.items():
+        assert led["steps"] % 3 == 0
+        if cid in before:
+            assert led["steps"] >= before[cid]["steps"] and led["epsilon"] >= before[cid]["epsilon"]
+    grew = [c for c in after if after[c]["steps"] > before.get(c, {"steps": 0})["steps"]]
+    assert len(grew) == s["history"][2]["reported"] == 2
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ck["round"] == 3 and ck["version"] == 3
 
 
 def test_summary_is_complete(fed):
-    run_dir, out, s = fed
+    run_dir, out, s, _ = fed
     assert SUMMARY_KEYS <= set(s)
     assert s["strategy"] == "ffa" and s["rounds_completed"] == s["rounds_planned"] == 3
     assert len(s["history"]) == 3 and [h["round"] for h in s["history"]] == [1, 2, 3]
-    assert 0.0 <= s["global_accuracy"] <= 1.0
-    assert s["global_accuracy"] == s["history"][-1]["global_accuracy"]
+    assert s["global_accuracy"] == s["history"][-1]["global_accuracy"] is not None
     assert s["bytes_up"] > 0 and s["bytes_down"] > s["bytes_up"] / 2
     assert s["mlflow"]["run_id"] and s["mlflow"]["tracking_uri"].startswith("sqlite:///")
     assert all(h["reported"] == 2 and h["failed"] == h["rejected"] == 0 for h in s["history"])
     assert "round 3/3" in out and "global accuracy per round" in out and "fedlora ui" in out
+    assert "round 1/3" not in out  # the resumed process ran round 3 only
     # DP: every client that trained has a ledger; ε per client per round, the max never above the target
     eps = s["epsilon_per_client"]
     assert eps and all(0 < e <= 50 for e in eps.values()) and s["epsilon_max"] == max(eps.values())
@@ -60,7 +97,7 @@ def test_summary_is_complete(fed):
 def test_mlflow_run_holds_round_metrics_and_adapter(fed):
     from mlflow.tracking import MlflowClient
 
-    _, _, s = fed
+    _, _, s, _ = fed
     client = MlflowClient(tracking_uri=s["mlflow"]["tracking_uri"])
     run = client.get_run(s["mlflow"]["run_id"])
     assert run.info.status == "FINISHED"
@@ -83,17 +120,18 @@ def test_saved_adapter_reproduces_logged_accuracy(fed):
     """The PEFT artifact, loaded the standard way on the base model, scores what the run logged."""
     from peft import PeftModel
 
-    from fedlora.clients.data import DataSpec, global_split, tokenize
-    from fedlora.clients.model import ModelSpec, load_base_model, load_tokenizer
-    from fedlora.clients.trainer import evaluate
+    from fedlora.lifecycle import load_run_config
+    from fedlora.task.data import global_split, label_names, tokenize
+    from fedlora.task.model import load_base_model, load_tokenizer
+    from fedlora.task.train import evaluate
 
-    run_dir, _, s = fed
-    cfg = json.loads((run_dir / "config.json").read_text())
-    spec = ModelSpec.from_dict({**cfg["model"], "seed": cfg["seed"], "num_labels": cfg["num_labels"]})
-    model = PeftModel.from_pretrained(load_base_model(spec), str(run_dir / "adapter"))
-    _, test = global_split(DataSpec.from_dict({**cfg["data"], "seed": cfg["seed"]}))
-    tok = load_tokenizer(spec)
-    out = evaluate(model, tokenize(list(test), tok, spec.max_length), pad_id=tok.pad_token_id)
+    run_dir, _, s, _ = fed
+    cfg = load_run_config(run_dir)
+    base = load_base_model(cfg.model, num_labels=len(label_names(cfg.data, cfg.seed)), seed=cfg.seed)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    _, test = global_split(cfg.data, cfg.seed)
+    tok = load_tokenizer(cfg.model)
+    out = evaluate(model, tokenize(list(test), tok, cfg.model.max_length), pad_id=tok.pad_token_id)
     assert out["accuracy"] == pytest.approx(s["global_accuracy"], abs=1e-9)
     assert out["loss"] == pytest.approx(s["history"][-1]["global_loss"], rel=1e-4)
 

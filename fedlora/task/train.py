@@ -1,0 +1,58 @@
+"""The task's training pieces shared by both sides: batching (collate), the optimizers, and evaluation
+(the server evaluates the global model with the same code the clients use on their validation splits)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_collate(pad_id: int):
+    """Collate [{"input_ids": list[int], "labels": int}, ...] into dynamically padded tensors
+    {input_ids, attention_mask, labels}. An empty list (a Poisson batch can be empty) gives tensors with batch
+    dimension 0."""
+
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        n = max((len(b["input_ids"]) for b in batch), default=1)
+        ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.as_tensor(b["input_ids"], dtype=torch.long)
+            mask[i, :k] = 1
+        labels = torch.tensor([int(b["labels"]) for b in batch], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The client's local optimizer, fresh every round (no state crosses rounds or clients). Under DP, Opacus'
+    DPOptimizer wraps it: clipping and noise happen before its step, so Adam on privatised gradients is
+    post-processing and costs no privacy."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"strategy.optimizer={name!r}: allowed values are {list(OPTIMIZERS)}")
+
+
+@torch.inference_mode()
+def evaluate(model, examples: list[dict], *, batch_size: int = 128, pad_id: int = 0) -> dict:
+    """Mean cross-entropy loss and accuracy of ``model`` on ``examples`` (eval mode, no gradients).
+
+    Batches are cut from the examples sorted by length, so each is padded only to its own longest record
+    (far fewer pad tokens than random batches on short-sentence corpora); the result is order-independent."""
+    collate = make_collate(pad_id)
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(order), batch_size):
+        b = collate([examples[j] for j in order[i : i + batch_size]])
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum"))
+        correct += int((logits.argmax(-1) == b["labels"]).sum())
+    n = len(examples)
+    return {"loss": loss_sum / max(n, 1), "accuracy": correct / max(n, 1), "n": n}
