@@ -20,7 +20,8 @@ from typing import Any
 
 from fedlora.aggregation.base import Strategy, Tensors
 from fedlora.aggregation.quant import check_bits, decode_tensors, encode_tensors
-from fedlora.clients.state import ClientStore
+from fedlora.clients.state import ClientStore, LedgerUnavailable, attempt_alive, attempt_identity
+from fedlora.faults import failpoint
 from fedlora.federation import ClientSpec
 
 
@@ -82,13 +83,21 @@ def context(spec: ClientSpec, site, index: int, client_id: str | None = None) ->
 
 
 def hello(ctx: ClientContext, store: ClientStore) -> dict:
+    """The handshake reply: who this client is, its data sizes, the global version it holds, and how many DP
+    steps its ledger records (-1: no readable ledger), so a coordinator can tell a ledger that went backwards."""
     _, held_version = store.load_held()
+    try:
+        ledger = store.load_ledger()
+        ledger_steps = int(ledger["steps"]) if ledger is not None else 0
+    except (LedgerUnavailable, KeyError, TypeError, ValueError):
+        ledger_steps = -1
     return {
         "client_id": ctx.client_id,
         "index": ctx.index,
         "n_train": len(ctx.train),
         "n_val": len(ctx.val),
         "held_version": -1 if held_version is None else held_version,
+        "ledger_steps": ledger_steps,
     }
 
 
@@ -107,6 +116,8 @@ def _decode_payload(ctx: ClientContext, payload: Tensors, bits: int) -> Tensors:
 def sync(ctx: ClientContext, store: ClientStore, payload: Tensors, meta: dict) -> Tensors:
     """The full global adapter state for this round, from what the client held and the downlink."""
     held, held_version = store.load_held()
+    if held is not None and held_version == int(meta["version"]):
+        return held  # already synced to this version (a round asked again after a coordinator restart)
     base = meta.get("base_version")
     if base is not None and held_version != base:
         raise StaleState(
@@ -129,11 +140,23 @@ def _load_workspace(ctx: ClientContext, store: ClientStore, global_state: Tensor
 
 
 def _ledger(ctx: ClientContext, store: ClientStore):
+    """This client's privacy ledger: the one on disk, or a new one for a client that never spent privacy.
+    Raises ``LedgerUnavailable`` (fail closed) when the file is missing or unreadable for a client that did."""
     from fedlora.privacy.ledger import PrivacyLedger
 
     saved = store.load_ledger()
     if saved is not None:
-        return PrivacyLedger.from_state_dict(saved)
+        try:
+            ledger = PrivacyLedger.from_state_dict(saved)
+        except Exception as e:  # noqa: BLE001 - a ledger file is input: any inconsistency refuses, naming it
+            raise LedgerUnavailable(f"{ctx.client_id}: privacy ledger {store.ledger_path} is inconsistent "
+                                    f"({type(e).__name__}: {e}); the privacy it spent cannot be reconstructed, so "
+                                    "this client refuses to train: restore it from a backup, or retire this "
+                                    "client identity") from None
+        if ledger.n is not None and ledger.n != len(ctx.train):
+            raise LedgerUnavailable(f"{ctx.client_id}: the privacy ledger was made for n={ledger.n} records, this "
+                                    f"client now has {len(ctx.train)}: its sample rate q = batch/n would be wrong")
+        return ledger
     return PrivacyLedger.create(
         ctx.spec.privacy,
         n=len(ctx.train),
@@ -143,19 +166,72 @@ def _ledger(ctx: ClientContext, store: ClientStore):
     )
 
 
+def _charge(ctx: ClientContext, store: ClientStore, rnd: int, version: int):
+    """Under the client's lock: (ledger, None) once this round's steps are charged on disk — before any noise is
+    drawn — or (ledger or None, why not) when the client must not train. A round this client was already
+    charged for by an attempt that died before replying (it released nothing) reuses that charge; one charged
+    by an attempt still alive (a straggler that may yet reply) is charged again: over-counting is safe."""
+    try:
+        ledger = _ledger(ctx, store)
+    except LedgerUnavailable as e:
+        return None, str(e)
+    prior = ledger.charge_for(rnd, version)
+    if prior is not None and not attempt_alive(prior["attempt"]):
+        return ledger, None
+    reason = ledger.decline_reason(ctx.spec.local_steps)
+    if reason is not None:
+        return ledger, reason
+    ledger.charge(round=rnd, version=version, steps=ctx.spec.local_steps, attempt=attempt_identity())
+    store.save_ledger(ledger.state_dict())
+    return ledger, None
+
+
+def _privacy_info(ctx: ClientContext, ledger) -> dict[str, Any]:
+    if ledger is None:
+        return {}
+    return {"ledger": json.dumps(ledger_summary(ledger, ctx.spec.privacy.noise)),
+            "can_run_next": int(ledger.can_run(ctx.spec.local_steps))}
+
+
 def train(ctx: ClientContext, store: ClientStore, payload: Tensors, meta: dict) -> tuple[Tensors, dict, dict]:
-    """One round of local training. Returns (upload, metrics, info); an empty upload when declined."""
+    """One round of local training. Returns (upload, metrics, info); an empty upload when declined.
+
+    Exactly once per (round, version): the reply is stored before it is returned, and a request for a round
+    already answered replays the stored reply instead of training (and, under DP, spending) again."""
     from fedlora.clients.trainer import train_local
+    from fedlora.privacy.dp import DPPlan
+    from fedlora.privacy.noise import noise_source
     from fedlora.task.model import adapter_state, set_trainable
 
     t0 = time.perf_counter()
     bits = _bits(meta)
-    global_state = sync(ctx, store, payload, meta)
+    rnd, version = int(meta["round"]), int(meta["version"])
+    seed = ctx.spec.seed * 1_000_003 + rnd * 1009 + ctx.index
+    info: dict[str, Any] = {"client_id": ctx.client_id, "bits": bits, "declined": ""}
+    plan = None
+    with store.lock():
+        stored = store.load_reply(rnd, version)
+        if stored is not None:
+            if stored["personal"]:  # a crash may have come between storing the reply and the personal state
+                store.save_personal(stored["personal"])
+            return stored["upload"], stored["metrics"], stored["info"]
+        global_state = sync(ctx, store, payload, meta)
+        store.mark_started(rnd)
+        if ctx.spec.privacy.enabled:
+            ledger, why_not = _charge(ctx, store, rnd, version)
+            info.update(_privacy_info(ctx, ledger))
+            if why_not is not None:
+                info["declined"] = why_not
+                metrics = {"loss": float("nan"), "num_examples": len(ctx.train), "steps": 0, "train_s": 0.0,
+                           "client_s": time.perf_counter() - t0,
+                           "epsilon": ledger.epsilon() if ledger is not None else float("nan")}
+                return {}, metrics, info
+            p = ctx.spec.privacy
+            plan = DPPlan(noise_multiplier=ledger.noise_multiplier, sample_rate=ledger.sample_rate, clip=p.clip,
+                          grad_sample_mode=p.grad_sample_mode, noise=noise_source(p.noise, seed))
+    failpoint("client.charged", round=rnd, client=ctx.client_id)
     start = _load_workspace(ctx, store, global_state)
     set_trainable(ctx.model, ctx.strategy.trains_key)
-    privacy = ctx.spec.privacy if ctx.spec.privacy.enabled else None
-    ledger = _ledger(ctx, store) if privacy is not None else None
-    rnd = int(meta["round"])
     res = train_local(
         ctx.model,
         ctx.train,
@@ -163,35 +239,25 @@ def train(ctx: ClientContext, store: ClientStore, payload: Tensors, meta: dict) 
         batch_size=ctx.spec.batch_size,
         lr=ctx.spec.strategy.lr,
         optimizer=ctx.spec.strategy.optimizer,
-        seed=ctx.spec.seed * 1_000_003 + rnd * 1009 + ctx.index,
+        seed=seed,
         pad_id=ctx.pad_id,
-        privacy=privacy,
-        ledger=ledger,
+        dp=plan,
     )
-    info: dict[str, Any] = {"client_id": ctx.client_id, "bits": bits, "declined": res.declined or ""}
-    if ledger is not None:
-        store.save_ledger(ledger.state_dict())
-        info["ledger"] = json.dumps(ledger_summary(ledger))
-        info["can_run_next"] = int(ledger.can_run(ctx.spec.local_steps))
-    metrics = {
-        "loss": float(res.loss) if res.loss is not None else float("nan"),
-        "num_examples": len(ctx.train),
-        "steps": res.steps,
-        "train_s": res.seconds,
-        "client_s": 0.0,
-        "epsilon": float(res.epsilon) if res.epsilon is not None else 0.0,
-    }
-    if res.declined:
-        metrics["client_s"] = time.perf_counter() - t0
-        return {}, metrics, info
     after = adapter_state(ctx.model)
     upload = {k: after[k] - start[k] for k in after if ctx.strategy.shares_key(k)}
     personal = {k: after[k] for k in after if ctx.strategy.personal_key(k)}
-    if personal:
-        store.save_personal(personal)
     if bits != 32:
         upload = encode_tensors(upload, bits)
-    metrics["client_s"] = time.perf_counter() - t0
+    metrics = {"loss": float(res.loss), "num_examples": len(ctx.train), "steps": res.steps, "train_s": res.seconds,
+               "client_s": time.perf_counter() - t0, "epsilon": json.loads(info["ledger"])["epsilon"]
+               if "ledger" in info else 0.0}
+    with store.lock():
+        if store.started_round() > rnd:  # a later round started meanwhile: this reply is stale, change nothing
+            return upload, metrics, info
+        store.save_reply(rnd, version, {"upload": upload, "metrics": metrics, "info": info, "personal": personal})
+        failpoint("client.replied", round=rnd, client=ctx.client_id)
+        if personal:
+            store.save_personal(personal)
     return upload, metrics, info
 
 
@@ -205,10 +271,12 @@ def evaluate(ctx: ClientContext, store: ClientStore, payload: Tensors, meta: dic
     return {"accuracy": float(out["accuracy"]), "loss": float(out["loss"]), "num_examples": int(out["n"])}
 
 
-def ledger_summary(ledger) -> dict:
+def ledger_summary(ledger, noise: str) -> dict:
     return {
         "epsilon": ledger.epsilon(),
         "steps": ledger.steps,
+        "participations": ledger.participations,
+        "noise": noise,
         "target_epsilon": ledger.target_epsilon,
         "delta": ledger.delta,
         "noise_multiplier": ledger.noise_multiplier,

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fedlora.privacy.noise import CSPRNG, NOISE_SOURCES
 from fedlora.schema import ConfigError, Group, boolean, choice, doc, number
 
 ACCOUNTANTS = ("prv", "rdp")
@@ -39,10 +40,15 @@ class DPSettings(Group):
                                          "rounds, hard stop after", default=None)
     grad_sample_mode: str = doc(f"per-sample gradient engine: {list(GRAD_SAMPLE_MODES)}", default="hooks")
     enabled: bool = doc("record-level DP-SGD on every client", default=True)
+    noise: str = doc(f"where DP-SGD's noise and sampling come from: {list(NOISE_SOURCES)}; csprng: the OS CSPRNG, "
+                     "unknowable to the server; seeded-insecure: from the run's seed, bit-reproducible and NO "
+                     "privacy against whoever knows the seed (tests and benchmarks only; refused in deployment)",
+                     default=CSPRNG)
 
     def __post_init__(self) -> None:
         boolean(self.key("enabled"), self.enabled)
         choice(self.key("grad_sample_mode"), self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        choice(self.key("noise"), self.noise, NOISE_SOURCES)
         if not self.enabled:
             return
         number(self.key("epsilon"), self.epsilon, gt=0)

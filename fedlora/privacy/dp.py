@@ -6,10 +6,13 @@ One ``PrivateTrainer`` per local round:
   ``set_trainable``), by Opacus hooks (``GradSampleHooks`` attached to the model itself, no wrapper module),
   Opacus ghost clipping, or ``lora_fast`` (ours: tensor hooks on the trainable ``nn.Linear`` modules — LoRA
   factors and the head — materialising their tiny per-sample gradients with one batched matmul);
-* clipping to ``clip``, Gaussian noise σ·clip from a seeded generator, division by the *expected* batch size
-  (Opacus ``DPOptimizer``), then the wrapped optimizer's step;
+* clipping to ``clip``, Gaussian noise σ·clip, division by the *expected* batch size (Opacus ``DPOptimizer``,
+  whose ``add_noise`` draws from our noise source: ``privacy.noise``), then the wrapped optimizer's step;
 * batches drawn by Poisson sampling at q = batch/n (``poisson_batches``), empty batches included — an empty
   batch still takes a step (noise only), and is still accounted.
+
+The noise and the sampling come from a ``fedlora.privacy.noise`` source: the OS CSPRNG by default, so neither
+can be recomputed by the server; a seeded source only behind the explicit ``privacy.noise=seeded-insecure``.
 
 On ``close()`` (or leaving the ``with`` block) every Opacus hook and attribute is removed from the model, so
 the same model object is reused next round in the same process.
@@ -19,30 +22,37 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from fedlora.privacy.calibrate import GRAD_SAMPLE_MODES
+from fedlora.privacy.noise import NoiseSource, SecureNoise
 
 #: attributes Opacus (or we) put on parameters / modules during DP training; all are removed on close
 PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad")
 MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad", "autograd_grad_sample_hooks")
 
 
-def poisson_batches(n: int, *, sample_rate: float, steps: int, seed: int) -> Iterator[list[int]]:
+@dataclass(frozen=True)
+class DPPlan:
+    """What one client's DP-SGD round needs: σ and q (from its privacy ledger, already charged for the round), the
+    clip norm C, the per-sample gradient engine, and the noise source."""
+
+    noise_multiplier: float
+    sample_rate: float
+    clip: float
+    grad_sample_mode: str
+    noise: NoiseSource
+
+
+def poisson_batches(n: int, *, sample_rate: float, steps: int, source: NoiseSource) -> Iterator[list[int]]:
     """``steps`` batches of record indices; each record is in each batch independently with prob. ``sample_rate``
-    (Opacus' ``UniformWithReplacementSampler``, seeded). Batches can be empty."""
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
-    gen = torch.Generator().manual_seed(_derive(seed, 1))
-    return iter(UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=gen, steps=steps))
-
-
-def _derive(seed: int, stream: int) -> int:
-    """Independent 63-bit seeds for the sampling and noise streams of one run."""
-    return (int(seed) * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+    (the sampling of Opacus' ``UniformWithReplacementSampler``, drawn from ``source``). Batches can be empty."""
+    for _ in range(steps):
+        yield torch.nonzero(source.uniform(n) < sample_rate, as_tuple=False).reshape(-1).tolist()
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -103,6 +113,29 @@ class LinearGradSampler:
             self.handles.pop().remove()
 
 
+def _with_noise_source(opt_cls: type) -> type:
+    """``opt_cls`` (an Opacus DP optimizer) whose ``add_noise`` draws from a fedlora noise source instead of a
+    torch generator: the same clipped sum + N(0, (σ·C)²) per coordinate, Opacus' bookkeeping unchanged."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    class WithNoiseSource(opt_cls):
+        def __init__(self, *args: Any, noise_source: NoiseSource, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.noise_source = noise_source
+
+        def add_noise(self) -> None:
+            sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                g = p.summed_grad
+                noise = self.noise_source.normal(g.shape, sigma * self.max_grad_norm, dtype=g.dtype, device=g.device)
+                p.grad = (g + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    WithNoiseSource.__name__ = f"{opt_cls.__name__}WithNoiseSource"
+    return WithNoiseSource
+
+
 def _accumulate(p: nn.Parameter, gs: torch.Tensor) -> None:
     prev = getattr(p, "grad_sample", None)
     p.grad_sample = gs if prev is None else prev + gs
@@ -112,7 +145,8 @@ class PrivateTrainer:
     """DP-SGD steps on ``model`` with ``optimizer`` (built over the model's trainable parameters).
 
     ``expected_batch_size`` is q·n (the Poisson batch's mean size), the denominator of every step.
-    ``seed`` seeds the noise generator. Use as a context manager, or call ``close()``."""
+    ``noise`` is the source of the Gaussian noise (``fedlora.privacy.noise``; default: the OS CSPRNG). Use as a
+    context manager, or call ``close()``."""
 
     def __init__(
         self,
@@ -123,7 +157,7 @@ class PrivateTrainer:
         clip: float,
         expected_batch_size: float,
         grad_sample_mode: str = "hooks",
-        seed: int = 0,
+        noise: NoiseSource | None = None,
     ) -> None:
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
@@ -152,7 +186,7 @@ class PrivateTrainer:
         self.noise_multiplier = float(noise_multiplier)
         self.clip = float(clip)
         self.expected_batch_size = expected_batch_size
-        self.generator = torch.Generator(device=params[0].device).manual_seed(_derive(seed, 2))
+        self.noise = noise if noise is not None else SecureNoise()
         self._closed = False
         self.steps = 0
         self.empty_steps = 0
@@ -174,14 +208,13 @@ class PrivateTrainer:
             else:
                 self.hooks = LinearGradSampler(model, loss_reduction="mean")
                 opt_cls = DPOptimizer
-            self.optimizer = opt_cls(
+            self.optimizer = _with_noise_source(opt_cls)(
                 optimizer,
                 noise_multiplier=self.noise_multiplier,
                 max_grad_norm=self.clip,
                 expected_batch_size=expected_batch_size,
                 loss_reduction="mean",
-                generator=self.generator,
-                secure_mode=False,
+                noise_source=self.noise,
             )
             if grad_sample_mode == "ghost":
                 self.criterion = DPLossFastGradientClipping(

@@ -20,7 +20,7 @@ from fedlora.privacy.calibrate import (
     prv_grid_points,
 )
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: + charges (which round/version each participation was charged for, and by whom)
 #: relative slack on the target when deciding whether a participation fits the budget (float noise only)
 TOLERANCE = 1e-9
 
@@ -94,6 +94,7 @@ class PrivacyLedger:
         steps: int = 0,
         participations: int = 0,
         history: History | None = None,
+        charges: list[dict[str, Any]] | None = None,
     ) -> None:
         _fresh_accountant(accountant)  # refuses an unknown accountant (a ledger file is input too)
         self.target_epsilon = float(target_epsilon)
@@ -110,6 +111,8 @@ class PrivacyLedger:
         self.steps = int(steps)
         self.participations = int(participations)
         self.history: History = [(float(s), float(q), int(k)) for s, q, k in (history or [])]
+        #: one entry per charged participation: {round, version, steps, attempt: {pid, host, started}}
+        self.charges: list[dict[str, Any]] = [dict(c) for c in (charges or [])]
         self.epsilon_accountant = accountant  # which accountant produced the last ε (see compute_epsilon)
         self._cache: OrderedDict[tuple, tuple[float, str]] = OrderedDict()
 
@@ -200,6 +203,18 @@ class PrivacyLedger:
         self.steps += steps
         self.participations += 1
 
+    def charge(self, *, round: int, version: int, steps: int, attempt: dict[str, Any]) -> None:
+        """Record one participation for (``round``, ``version``) by ``attempt`` — before its first noise draw, so
+        the ledger on disk is never below the privacy spent, whatever crashes or times out afterwards."""
+        self.record(steps)
+        self.charges.append({"round": int(round), "version": int(version), "steps": int(steps),
+                             "attempt": dict(attempt)})
+
+    def charge_for(self, round: int, version: int) -> dict[str, Any] | None:
+        """The latest charge for (``round``, ``version``), or None: a repeated request for a round already charged
+        (a resumed coordinator re-running it) must not be trained and charged again."""
+        return next((c for c in reversed(self.charges) if c["round"] == round and c["version"] == version), None)
+
     # ---- persistence ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -218,12 +233,13 @@ class PrivacyLedger:
             "steps": self.steps,
             "participations": self.participations,
             "history": [[s, q, k] for s, q, k in self.history],
+            "charges": [dict(c) for c in self.charges],
         }
 
     @classmethod
     def from_state_dict(cls, d: dict[str, Any]) -> PrivacyLedger:
         version = d.get("version", STATE_VERSION)
-        if version != STATE_VERSION:
+        if version not in (1, STATE_VERSION):
             raise ValueError(f"privacy ledger state version {version} is not supported (expected {STATE_VERSION})")
         kw = {k: d[k] for k in (
             "target_epsilon", "delta", "noise_multiplier", "sample_rate", "clip", "accountant", "planned_steps",
@@ -237,6 +253,7 @@ class PrivacyLedger:
             steps=d.get("steps", 0),
             participations=d.get("participations", 0),
             history=[tuple(h) for h in d.get("history", [])],
+            charges=d.get("charges", []),
         )
         if sum(k for _, _, k in ledger.history) != ledger.steps:
             raise ValueError("privacy ledger state is inconsistent: history steps do not add up to 'steps'")

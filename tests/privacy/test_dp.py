@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedlora.privacy.dp import PrivateTrainer, leftover_dp_state, poisson_batches
+from fedlora.privacy.noise import SecureNoise, SeededNoise
 from fedlora.task.model import ModelSpec, build_model, set_trainable
 from fedlora.task.train import make_collate
 
@@ -61,11 +62,11 @@ def _snapshot(model):
     return {k: p.detach().clone() for k, p in model.named_parameters()}
 
 
-def _dp_update(model, batches, *, mode, sigma, clip, expected, lr=1.0, seed=0):
+def _dp_update(model, batches, *, mode, sigma, clip, expected, lr=1.0, seed: int | None = 0):
     before = _snapshot(model)
     opt = torch.optim.SGD(list(_params(model).values()), lr=lr)
     with PrivateTrainer(model, opt, noise_multiplier=sigma, clip=clip, expected_batch_size=expected,
-                        grad_sample_mode=mode, seed=seed) as dp:
+                        grad_sample_mode=mode, noise=SecureNoise() if seed is None else SeededNoise(seed)) as dp:
         for b in batches:
             dp.step(b)
     return {k: p.detach() - before[k] for k, p in model.named_parameters()}
@@ -133,21 +134,37 @@ def test_lora_fast_equals_opacus_hooks_with_noise(model, base, dtype):
     assert any(torch.count_nonzero(v) for v in runs["hooks"].values())
 
 
-def test_noise_is_seeded_and_scaled(model, base):
+@pytest.mark.parametrize("source", ["csprng", "seeded"])
+def test_noise_is_scaled_and_only_the_explicit_seeded_source_repeats(model, base, source):
+    """An empty batch is a noise-only step. The default source (the OS CSPRNG) never repeats itself, whatever the
+    seed; the seeded-insecure one repeats exactly for the same seed, whatever the engine."""
     set_trainable(model, FFA)
     empty = _batch(0)
-    a = _dp_update(model, [empty], mode="hooks", sigma=2.0, clip=3.0, expected=10, seed=5)
+    seeds = (None, None, None) if source == "csprng" else (5, 5, 6)
+    a = _dp_update(model, [empty], mode="hooks", sigma=2.0, clip=3.0, expected=10, seed=seeds[0])
     model.load_state_dict(base[1])
-    b = _dp_update(model, [empty], mode="lora_fast", sigma=2.0, clip=3.0, expected=10, seed=5)
+    b = _dp_update(model, [empty], mode="lora_fast", sigma=2.0, clip=3.0, expected=10, seed=seeds[1])
     model.load_state_dict(base[1])
-    c = _dp_update(model, [empty], mode="hooks", sigma=2.0, clip=3.0, expected=10, seed=6)
+    c = _dp_update(model, [empty], mode="hooks", sigma=2.0, clip=3.0, expected=10, seed=seeds[2])
     trained = [k for k in a if "lora_B" in k]
-    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed: identical noise, whatever the engine
+    assert all(torch.equal(a[k], b[k]) for k in a) is (source == "seeded")
     assert not all(torch.equal(a[k], c[k]) for k in trained)
-    # an empty batch is a noise-only step: std σ·C / expected batch per coordinate
+    # std σ·C / expected batch per coordinate
     noise = torch.cat([a[k].flatten() for k in trained])
     assert noise.std().item() == pytest.approx(2.0 * 3.0 / 10, rel=0.15)
     assert all(torch.count_nonzero(a[k]) == 0 for k in a if k not in trained)
+
+
+def test_csprng_draws_are_standard_normal_and_uniform():
+    from fedlora.privacy.noise import SecureNoise
+
+    src = SecureNoise()
+    z = src.normal(torch.Size([400_000]), 1.0, dtype=torch.float64, device=torch.device("cpu"))
+    assert abs(z.mean().item()) < 5 / 400_000**0.5 and z.std().item() == pytest.approx(1.0, abs=0.01)
+    assert (z.abs() > 3).float().mean().item() == pytest.approx(0.0027, abs=0.0006)  # Gaussian tails
+    u = src.uniform(200_000)
+    assert u.min() >= 0 and u.max() < 1 and u.mean().item() == pytest.approx(0.5, abs=0.005)
+    assert len(set(src.uniform(1000).tolist())) == 1000
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -192,15 +209,15 @@ def test_refusals(model):
 
 def test_poisson_batches_are_seeded_with_rate_q():
     n, q = 500, 0.04
-    a = list(poisson_batches(n, sample_rate=q, steps=400, seed=3))
-    b = list(poisson_batches(n, sample_rate=q, steps=400, seed=3))
-    c = list(poisson_batches(n, sample_rate=q, steps=400, seed=4))
+    a = list(poisson_batches(n, sample_rate=q, steps=400, source=SeededNoise(3)))
+    b = list(poisson_batches(n, sample_rate=q, steps=400, source=SeededNoise(3)))
+    c = list(poisson_batches(n, sample_rate=q, steps=400, source=SeededNoise(4)))
     assert a == b and a != c and len(a) == 400
     sizes = torch.tensor([len(x) for x in a], dtype=torch.float)
     assert sizes.mean().item() == pytest.approx(q * n, rel=0.05)  # E|batch| = q·n = 20, sd of the mean 0.22
     assert sizes.std().item() == pytest.approx((n * q * (1 - q)) ** 0.5, rel=0.15)  # variable size, Binomial
     assert all(len(set(x)) == len(x) and all(0 <= i < n for i in x) for x in a)
-    tiny = list(poisson_batches(50, sample_rate=0.01, steps=100, seed=0))
+    tiny = list(poisson_batches(50, sample_rate=0.01, steps=100, source=SeededNoise(0)))
     assert any(len(x) == 0 for x in tiny)  # empty batches happen (P = 0.99^50 = 0.6 per step)
 
 
