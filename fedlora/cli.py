@@ -77,6 +77,11 @@ def check_overrides(overrides: list[str], multirun: bool) -> list[FedConfig]:
     cfgs = [FedConfig.from_dict(_plain(c)) for c in composed]
     for cfg in cfgs:
         prepare(cfg)
+    for o in overrides:  # a run directory the user names must not hold a run already (checked before Hydra
+        if o.startswith("hydra.run.dir="):  # writes anything into it)
+            from fedlora.lifecycle import check_run_dir_free
+
+            check_run_dir_free(Path(o.split("=", 1)[1]).resolve())
     return cfgs
 
 
@@ -124,14 +129,14 @@ def _resume(argv: list[str]) -> None:
 
     p = argparse.ArgumentParser(prog="fedlora resume", description="continue a stopped run from its last round")
     p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="resumable keys only, e.g. rounds=12 round_timeout_s=900 "
+                                                "tracking.uri=sqlite:////new/mlflow.db runtime.num_cpus=4")
     a = p.parse_args(argv)
     run_dir = Path(a.run_dir).resolve()
     try:
-        cfg = load_run_config(run_dir)
+        cfg = load_run_config(run_dir, a.overrides)
     except (FileNotFoundError, ConfigError) as e:
         _fail(str(e))
-    if not (run_dir / "checkpoint.pt").exists():
-        _fail(f"{run_dir} has no checkpoint.pt: the run never completed a round; start it again with fedlora run")
     summary = run_federation(cfg, run_dir)
     _report(summary, run_dir)
 

@@ -31,18 +31,27 @@ CONFIG_JSON = "config.json"
 RUN_MARKER = "fedlora-run.json"
 
 
+def _taken(run_dir: Path) -> ConfigError:
+    return ConfigError("hydra.run.dir", f"{run_dir} already holds a fedlora run; `fedlora run` never reuses a run "
+                                        f"directory: continue that run with `fedlora resume {run_dir}`, or leave "
+                                        "hydra.run.dir to its default (a new directory per run)")
+
+
+def check_run_dir_free(run_dir: Path) -> None:
+    """Refuse a run directory that holds a run already."""
+    if any((run_dir / n).exists() for n in (RUN_MARKER, CONFIG_JSON, "checkpoint.pt")):
+        raise _taken(run_dir)
+
+
 def claim_run_dir(run_dir: Path) -> None:
-    """Take ``run_dir`` for a new run, or refuse (``fedlora run`` never reuses a run directory)."""
+    """Take ``run_dir`` for a new run, or refuse (``fedlora run`` never reuses a run directory). The marker is
+    created exclusively, so of two launches racing for one directory exactly one proceeds."""
+    check_run_dir_free(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    taken = [n for n in (RUN_MARKER, CONFIG_JSON, "checkpoint.pt") if (run_dir / n).exists()]
     try:
-        if taken:
-            raise FileExistsError
         fd = os.open(run_dir / RUN_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        raise ConfigError("hydra.run.dir", f"{run_dir} already holds a fedlora run; `fedlora run` never reuses a "
-                                           f"run directory: continue that run with `fedlora resume {run_dir}`, or "
-                                           "leave hydra.run.dir to its default (a new directory per run)") from None
+        raise _taken(run_dir) from None
     with os.fdopen(fd, "w") as f:
         json.dump({"pid": os.getpid(), "started": time.time()}, f)
 
@@ -52,6 +61,17 @@ def prepare(cfg: FedConfig) -> list[str]:
     names. Raises ``ConfigError`` naming the key before any federation work."""
     check_client_sizes(cfg, partition_sizes(cfg.data, cfg.clients.num, cfg.seed))
     return label_names(cfg.data, cfg.seed)
+
+
+INSECURE_NOISE_WARNING = ("WARNING: privacy.noise=seeded-insecure: DP noise and sampling are derived from the run's "
+                          "seed, so anyone who knows the config can remove the noise — NO privacy. Tests and "
+                          "benchmarks only; it is recorded in summary.json, the privacy report and MLflow.")
+
+
+def _announce(cfg: FedConfig, echo) -> None:
+    if cfg.privacy.enabled and cfg.privacy.noise != "csprng":
+        log.warning(INSECURE_NOISE_WARNING)
+        echo(INSECURE_NOISE_WARNING)
 
 
 def simulated_site(cfg: FedConfig, run_dir: Path) -> SimulatedSite:
@@ -76,11 +96,29 @@ def _write_config(cfg: FedConfig, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(plain)))))
 
 
-def load_run_config(run_dir: str | os.PathLike) -> FedConfig:
+def load_run_config(run_dir: str | os.PathLike, overrides: list[str] = ()) -> FedConfig:
+    """A run directory's config, with ``overrides`` (``key=value``) of resumable keys only (``RESUMABLE``)."""
+    import yaml
+
+    from fedlora.coordinator.core import RESUMABLE
+
     p = Path(run_dir) / CONFIG_JSON
     if not p.exists():
         raise FileNotFoundError(f"{p} not found: is {run_dir} a fedlora run directory?")
-    return FedConfig.from_dict(json.loads(p.read_text()))
+    d = json.loads(p.read_text())
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if not eq or not key:
+            raise ConfigError(o, "expected key=value")
+        if not any(key == r or key.startswith(r + ".") for r in RESUMABLE):
+            raise ConfigError(key, f"cannot change on resume: a resumed federation is the same federation; only "
+                                   f"{list(RESUMABLE)} may change (privacy never does)")
+        *parents, last = key.split(".")
+        node = d
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return FedConfig.from_dict(d)
 
 
 def _ray_init(cfg: FedConfig) -> None:
@@ -120,6 +158,7 @@ def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id:
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     labels = prepare(cfg)
+    _announce(cfg, echo)
     _write_config(cfg, run_dir)
 
     _ray_init(cfg)
@@ -191,6 +230,7 @@ def run_inprocess(cfg: FedConfig, run_dir: str | os.PathLike, *, echo=print) -> 
     quiet_logs()
     run_dir = Path(run_dir)
     labels = prepare(cfg)
+    _announce(cfg, echo)
     coord = Coordinator(cfg, labels, str(run_dir), **_coordinator_args(run_dir))
     console = ConsoleObserver(rounds=cfg.rounds, privacy=cfg.privacy.enabled, echo=echo)
     return run_rounds(coord, InProcessTransport(simulated_site(cfg, run_dir)), [console])

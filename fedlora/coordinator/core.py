@@ -41,6 +41,38 @@ CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 
 
+#: config keys a resumed run may change (how long and where it runs); everything else, privacy above all, is the
+#: stored run's: a resumed federation is the same federation
+RESUMABLE = ("rounds", "round_timeout_s", "tracking.uri", "runtime")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) and k != "params" and k != "bitwidths" else {key: v})
+    return out
+
+
+def config_changes(stored: dict, new: dict) -> list[str]:
+    """The keys whose values differ between two configs, resumable ones left out."""
+    a, b = _flat(stored), _flat(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
+
+
+def check_resumable(stored: dict | None, new: dict, where: Path) -> None:
+    """Refuse to continue a checkpoint under a config that differs in anything but ``RESUMABLE`` keys."""
+    if stored is None:
+        return  # a checkpoint from before configs were stored in it
+    changed = config_changes(json.loads(json.dumps(stored)), json.loads(json.dumps(new)))
+    if changed:
+        from fedlora.schema import ConfigError
+
+        raise ConfigError(changed[0], f"differs from the run being resumed ({where}); only {list(RESUMABLE)} may "
+                                      f"change on resume (changed: {changed})")
+
+
 class Coordinator:
     def __init__(self, cfg: FedConfig, labels: list[str], run_dir: str, parent_run_id: str | None = None, *,
                  personal_states: Callable[[str], Tensors | None] | None = None) -> None:
@@ -74,10 +106,14 @@ class Coordinator:
         self.exhausted: dict[str, str] = {}
         self.history: list[dict] = []
         self.totals = {"bytes_up": 0, "bytes_down": 0, "wall_time_s": 0.0, "rejected": 0, "failed": 0}
+        self.resumes = 0  # how many times this run was continued from a checkpoint
         run_id = None
         ckpt = self.run_dir / CHECKPOINT
         if ckpt.exists():
-            run_id = self.load_state_dict(torch.load(ckpt, weights_only=False))
+            state = torch.load(ckpt, weights_only=False)
+            check_resumable(state.get("config"), cfg.to_dict(), ckpt)
+            run_id = self.load_state_dict(state)
+            self.resumes += 1
             log.info("resumed from %s after round %d", ckpt, self.round)
         self.tracker = make_tracker(cfg, self.run_dir, run_id, parent_run_id)
         self.tracker.backfill([RoundRecord.from_dict(h) for h in self.history])
@@ -99,6 +135,8 @@ class Coordinator:
             "exhausted": self.exhausted,
             "history": self.history,
             "totals": self.totals,
+            "resumes": self.resumes,
+            "config": self.cfg.to_dict(),
             "run_id": getattr(self, "tracker", None) and self.tracker.run_id,
         }
 
@@ -108,6 +146,7 @@ class Coordinator:
         self.strategy.load_state_dict(ck["strategy"])
         for k in ("version", "round", "client_versions", "ledgers", "exhausted", "history", "totals"):
             setattr(self, k, ck[k])
+        self.resumes = int(ck.get("resumes", 0))
         return ck["run_id"]
 
     # ---- nodes -----------------------------------------------------------------------------------
@@ -116,16 +155,26 @@ class Coordinator:
         return self.spec_json
 
     def register(self, hellos: dict[int, dict]) -> int:
-        """Record which client each node is (from the handshake), its bitwidth and the global version it holds."""
+        """Record which client each node is (from the handshake) and its bitwidth."""
         for node_id, h in hellos.items():
             cid = str(h["client_id"])
             index = int(h.get("index", -1))
             bits = self.fleet[index] if 0 <= index < len(self.fleet) else 32
             self.nodes[int(node_id)] = {**h, "client_id": cid, "bits": bits}
-            held = int(h.get("held_version", -1))
-            # the client's own store is authoritative for what it holds
-            self.client_versions[cid] = held if held >= 0 else None
+            # What a client holds is what this coordinator recorded (its checkpoint), never what the client says: a
+            # version number from another federation would make a delta land on the wrong base. A client that is
+            # already at the version it is sent (a round asked again after a restart) keeps what it holds.
+            self.client_versions.setdefault(cid, None)
+            mirrored = int(self.ledgers.get(cid, {}).get("steps", 0))
+            if mirrored > int(h.get("ledger_steps", 0)):
+                self._refuse(cid, f"its privacy ledger records {h.get('ledger_steps')} DP steps, below the {mirrored} "
+                                  "it reported before (reset, deleted or unreadable): not scheduled again")
         return len(self.nodes)
+
+    def _refuse(self, cid: str, reason: str) -> None:
+        """Never schedule ``cid`` again (fail closed), saying why."""
+        log.error("%s: %s", cid, reason)
+        self.exhausted[cid] = reason
 
     def done(self) -> bool:
         return self.round >= self.cfg.rounds
@@ -181,6 +230,8 @@ class Coordinator:
             if update is not None:
                 updates.append(update)
         record.dropped = len(plan.sent) - len(answered)
+        for nid in set(plan.sent) - answered:  # a dropped client may or may not have synced: full payload next time
+            self.client_versions[plan.sent[nid].client_id] = None
         if updates:
             self.global_state = self.strategy.aggregate(self.global_state, updates)
             self.version += 1
@@ -212,7 +263,14 @@ class Coordinator:
         self.client_versions[cid] = self.version  # it synced to the version we sent
         info, metrics = r.get("info", {}), r.get("metrics", {})
         if info.get("ledger"):
-            self.ledgers[cid] = json.loads(info["ledger"])
+            reported = json.loads(info["ledger"])
+            mirrored = int(self.ledgers.get(cid, {}).get("steps", 0))
+            if int(reported["steps"]) < mirrored:
+                record.rejected += 1
+                self._refuse(cid, f"its privacy ledger went backwards ({reported['steps']} DP steps reported, "
+                                  f"{mirrored} before): update rejected, not scheduled again")
+                return None
+            self.ledgers[cid] = reported
         if "can_run_next" in info and not int(info["can_run_next"]):
             self.exhausted.setdefault(cid, "privacy budget: next round would pass the target ε")
         if info.get("declined"):
@@ -356,7 +414,7 @@ class Coordinator:
             "epsilon_max": max(eps.values(), default=0.0),
             "epsilon_per_client": eps,
             "delta": float(self.cfg.privacy.delta) if dp else None,
-            "privacy": {"enabled": dp, "ledgers": self.ledgers, "exhausted": self.exhausted},
+            "privacy": self.privacy_report(),
             "bytes_up": self.totals["bytes_up"],
             "bytes_down": self.totals["bytes_down"],
             "wall_time_s": self.totals["wall_time_s"],
@@ -364,6 +422,22 @@ class Coordinator:
             "failed_clients": self.totals["failed"],
             "run_dir": str(self.run_dir),
             "mlflow": {"tracking_uri": self.tracker.uri, "run_id": self.tracker.run_id},
+        }
+
+    def privacy_report(self) -> dict:
+        """Per client, what its ledger reported (accountant, σ, q, steps, participations, ε, δ, noise source),
+        and whether the run was ever resumed. The authoritative ε is each client's own ledger; this is its mirror."""
+        dp = self.cfg.privacy
+        return {
+            "enabled": dp.enabled,
+            "noise_source": dp.noise if dp.enabled else None,
+            "reproducible_noise_UNSAFE": dp.enabled and dp.noise != "csprng",
+            "resumed": self.resumes > 0,
+            "resumes": self.resumes,
+            "authoritative": "each client's own ledger (ledger.json in its state folder) decides whether it trains; "
+                             "these are the values the clients reported, mirrored by the coordinator",
+            "ledgers": self.ledgers,
+            "exhausted": self.exhausted,
         }
 
     def finish(self, status: str = "FINISHED") -> dict:
@@ -375,7 +449,7 @@ class Coordinator:
             report = self.run_dir / "privacy_report.json"
             from fedlora.atomic_io import atomic_write_json
 
-            atomic_write_json(report, self.summary()["privacy"])
+            atomic_write_json(report, self.privacy_report())
             self.tracker.log_artifact(report)
             if (self.run_dir / "config.yaml").exists():
                 self.tracker.log_artifact(self.run_dir / "config.yaml")

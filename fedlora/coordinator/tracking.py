@@ -3,17 +3,22 @@ to MLflow; clients report through Flower messages."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from fedlora.atomic_io import atomic_write_json
 from fedlora.config import FedConfig
 from fedlora.coordinator.observers import RoundObserver
 from fedlora.coordinator.records import RoundRecord
 
 log = logging.getLogger("fedlora.tracking")
+
+#: the MLflow run of a run directory, written when the MLflow run is created (before any checkpoint)
+RUN_ID_FILE = "mlflow_run.json"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -99,12 +104,18 @@ class MLflowTracker(NullTracker):
         Path(cfg.runs_root).mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)
         exp_id = _experiment_id(self.client, cfg)
+        marker = run_dir / RUN_ID_FILE
+        if run_id is None and marker.exists():  # a run that died before its first checkpoint: same MLflow run
+            run_id = json.loads(marker.read_text())["run_id"]
         if run_id is None:
-            tags = {"mlflow.runName": run_dir.name, "fedlora.run_dir": str(run_dir), "strategy": cfg.strategy.name}
+            tags = {"mlflow.runName": run_dir.name, "fedlora.run_dir": str(run_dir), "strategy": cfg.strategy.name,
+                    "fedlora.privacy": (f"dp eps={cfg.privacy.epsilon:g} noise={cfg.privacy.noise}"
+                                        if cfg.privacy.enabled else "none")}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(exp_id, tags=tags)
             self.run_id = run.info.run_id
+            atomic_write_json(marker, {"run_id": self.run_id, "tracking_uri": self.uri})
             params = {k: str(v)[:6000] for k, v in flatten(cfg.to_dict()).items()}
             items = list(params.items())
             for i in range(0, len(items), 100):

@@ -1,0 +1,95 @@
+"""The `fedlora` command: every config error exits 2 before any work (no directory), run directories are never
+reused, and a resume keeps the run's privacy settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.federation
+
+
+def fedlora(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedlora.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_refuses_bad_override_before_any_work(tmp_path):
+    """The real command: exits 2 with the key named, and starts nothing (no run directory at all)."""
+    for bad, words in (("clients.per_round=50", ("clients.per_round", "clients.num")),
+                       ("strategy=bogus", ("strategy/bogus", "fedsvd")),
+                       ("roundz=3", ("roundz",))):
+        r = fedlora("run", bad, f"runs_root={tmp_path}")
+        assert r.returncode == 2, (bad, r.stderr[-2000:])
+        assert all(w in r.stderr for w in words), (bad, r.stderr[-2000:])
+        assert not tmp_path.exists() or not any(tmp_path.iterdir()), (bad, list(tmp_path.rglob("*")))
+
+
+def test_cli_refuses_a_bad_sweep_point_before_any_work(tmp_path):
+    r = fedlora("run", "-m", "rounds=2,0", f"runs_root={tmp_path}")
+    assert r.returncode == 2 and "rounds" in r.stderr, r.stderr[-2000:]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_cli_help_lists_groups():
+    r = fedlora("run", "--help")
+    assert r.returncode == 0
+    for group in ("strategy:", "privacy:", "data:", "model:", "clients:", "runtime:", "tracking:"):
+        assert group in r.stdout
+    assert "fedavg" in r.stdout and "rt_polarity" in r.stdout
+
+
+
+
+def _finished_looking_run(tmp_path):
+    from fedlora.config import compose
+
+    run = tmp_path / "old-run"
+    run.mkdir()
+    stored = compose(["privacy=dp", "model=tiny_bert", f"runs_root={tmp_path}"])
+    (run / "config.json").write_text(json.dumps(stored))
+    (run / "fedlora-run.json").write_text("{}")
+    return run, stored
+
+
+def test_run_into_an_existing_run_directory_is_refused_and_the_directory_untouched(tmp_path):
+    run, _ = _finished_looking_run(tmp_path)
+    before = sorted(p.name for p in run.rglob("*"))
+    r = fedlora("run", f"hydra.run.dir={run}", "privacy=none", "seed=5", "rounds=8", f"runs_root={tmp_path}")
+    assert r.returncode == 2 and "already holds a fedlora run" in r.stderr and "fedlora resume" in r.stderr
+    assert sorted(p.name for p in run.rglob("*")) == before  # not even Hydra's .hydra/ was written into it
+
+
+def test_two_launches_never_share_a_run_directory(tmp_path):
+    from fedlora.lifecycle import claim_run_dir
+    from fedlora.schema import ConfigError
+
+    claim_run_dir(tmp_path / "r")
+    with pytest.raises(ConfigError, match="already holds a fedlora run"):
+        claim_run_dir(tmp_path / "r")
+
+
+@pytest.mark.parametrize("override, key", [("privacy.epsilon=50", "privacy.epsilon"), ("privacy=none", "privacy"),
+                                           ("strategy.lr=1.0", "strategy.lr"), ("seed=5", "seed")])
+def test_resume_refuses_to_change_anything_but_resumable_keys(tmp_path, override, key):
+    run, stored = _finished_looking_run(tmp_path)
+    r = fedlora("resume", str(run), override)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert key in r.stderr and "cannot change on resume" in r.stderr
+    assert json.loads((run / "config.json").read_text()) == stored
+
+
+def test_a_checkpoint_refuses_a_config_that_differs_from_its_own(tmp_path):
+    """Even an edited config.json cannot continue a checkpoint under other privacy settings."""
+    from fedlora.coordinator.core import check_resumable
+    from fedlora.schema import ConfigError
+    from tests.conftest import config
+
+    stored = config("privacy=dp").to_dict()
+    check_resumable(stored, config("privacy=dp", "rounds=20").to_dict(), tmp_path)  # rounds may change
+    with pytest.raises(ConfigError) as e:
+        check_resumable(stored, config("privacy=dp", "privacy.epsilon=80").to_dict(), tmp_path)
+    assert e.value.key == "privacy.epsilon"
