@@ -29,8 +29,11 @@ from compare import QUICK, fmt, mean_std, run_grid  # noqa: E402
 FLEETS = {"50% 32-bit / 50% 4-bit": "{32: 0.5, 4: 0.5}", "4-way 32/16/8/4": "{32: 0.25, 16: 0.25, 8: 0.25, 4: 0.25}"}
 FLEET_NAMES = {"half": "50% 32-bit / 50% 4-bit", "4way": "4-way 32/16/8/4"}
 METHODS = ("naive", "grouped", "progressive")
+#: the settings the README's bitwidth tables were measured with (the non-DP schedule of before the DP defaults)
 DEFAULT_SET = ["strategy=ffa", "clients.num=8", "clients.per_round=4", "rounds=5", "eval_every=5",
-               "clients.local_steps=3", "model.max_length=32", "privacy=none"]
+               "clients.local_steps=3", "model.max_length=32", "privacy=none", "model.lora_layers=null",
+               "model.pooling=cls", "model.lora_alpha=16", "clients.batch_size=32", "clients.sample_rate=null",
+               "strategy.optimizer=adam", "strategy.lr=0.01"]
 
 
 def main() -> None:

@@ -26,8 +26,12 @@ from pathlib import Path
 
 from fedlora.config import FedConfig, compose
 
+#: frozen-prefix activations are shared by every federation of a sweep (an entry is keyed by model, data and k)
+CACHE = Path(__file__).resolve().parents[1] / "runs" / "cache"
+
 QUICK = ["model=tiny_bert", "data.max_examples=600", "clients.num=4", "clients.per_round=2", "clients.local_steps=3",
-         "clients.batch_size=16", "rounds=2", "model.max_length=32"]
+         "clients.batch_size=16", "clients.sample_rate=null", "rounds=2", "model.max_length=32",
+         "strategy.optimizer=adam", "strategy.lr=0.01"]
 
 
 def one_run(overrides: list[str]) -> dict:
@@ -39,14 +43,21 @@ def one_run(overrides: list[str]) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="fedlora-compare-") as d:
         cfg = FedConfig.from_dict(compose([*overrides, "tracking=none", f"runs_root={d}", "runtime.torch_threads=1",
-                                           "runtime.num_cpus=1"]))
+                                           "runtime.num_cpus=1", f"runtime.cache_dir={CACHE}"]))
         t0 = time.perf_counter()
         s = run_inprocess(cfg, Path(d) / "run", echo=lambda *_: None)
         last = s["history"][-1]
         rounds = max(1, s["rounds_completed"])
+        from collections import Counter
+
+        from fedlora.task.data import global_split
+
+        test_labels = global_split(cfg.data, cfg.seed)[1]["label"]
         return {
             "overrides": overrides,
             "global_accuracy": s["global_accuracy"],
+            "accuracy_per_round": [h.get("global_accuracy") for h in s["history"]],
+            "majority_accuracy": max(Counter(test_labels).values()) / len(test_labels),
             "personalized_accuracy": s["personalized_accuracy"],
             "personalized_accuracy_unweighted": last.get("personalized_accuracy_unweighted"),
             "reference_global_accuracy": last.get("reference_global_accuracy"),

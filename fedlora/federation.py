@@ -42,21 +42,26 @@ class ClientSpec:
     model: ModelSpec
     privacy: DPSettings
     local_steps: int
-    batch_size: int
+    batch_size: int | None
     torch_threads: int
     rounds: int
     seed: int
     labels: tuple[str, ...]
+    sample_rate: float | None = None
 
     @property
     def num_labels(self) -> int:
         return len(self.labels)
 
+    def batch_for(self, n: int) -> int:
+        """The (expected) batch of a client with ``n`` records: batch_size, or round(q·n) (at least 1)."""
+        return self.batch_size if self.batch_size is not None else max(1, round(self.sample_rate * n))
+
     def to_json(self) -> str:
         return json.dumps({
             "strategy": self.strategy.to_dict(), "model": self.model.to_dict(), "privacy": self.privacy.to_dict(),
             "local_steps": self.local_steps, "batch_size": self.batch_size, "torch_threads": self.torch_threads,
-            "rounds": self.rounds, "seed": self.seed, "labels": list(self.labels),
+            "rounds": self.rounds, "seed": self.seed, "labels": list(self.labels), "sample_rate": self.sample_rate,
         }, sort_keys=True)
 
     @classmethod
@@ -64,8 +69,10 @@ class ClientSpec:
         return cls(
             strategy=StrategyConfig.from_dict(d["strategy"]), model=ModelSpec.from_dict(d["model"]),
             privacy=DPSettings.from_dict(d["privacy"]), local_steps=int(d["local_steps"]),
-            batch_size=int(d["batch_size"]), torch_threads=int(d["torch_threads"]), rounds=int(d["rounds"]),
-            seed=int(d["seed"]), labels=tuple(str(x) for x in d["labels"]),
+            batch_size=None if d["batch_size"] is None else int(d["batch_size"]),
+            torch_threads=int(d["torch_threads"]), rounds=int(d["rounds"]), seed=int(d["seed"]),
+            labels=tuple(str(x) for x in d["labels"]),
+            sample_rate=None if d.get("sample_rate") is None else float(d["sample_rate"]),
         )
 
 
@@ -73,5 +80,5 @@ def client_spec(cfg: FedConfig, labels: list[str]) -> ClientSpec:
     return ClientSpec(
         strategy=cfg.strategy, model=cfg.model, privacy=cfg.privacy, local_steps=cfg.clients.local_steps,
         batch_size=cfg.clients.batch_size, torch_threads=cfg.runtime.torch_threads, rounds=cfg.rounds,
-        seed=cfg.seed, labels=tuple(labels),
+        seed=cfg.seed, labels=tuple(labels), sample_rate=cfg.clients.sample_rate,
     )

@@ -27,7 +27,7 @@ def test_default_config_is_valid_and_round_trips():
         ("rounds=-3", "rounds", "> 0"),
         ("rounds=2.5", "rounds", "an integer"),
         ("clients.per_round=11", "clients.per_round", "<= clients.num"),
-        ("clients.min_reports=3", "clients.min_reports", "<= clients.per_round"),
+        ("clients.min_reports=11", "clients.min_reports", "<= clients.per_round"),
         ("data.alpha=0", "data.alpha", "> 0"),
         ("data.alpha=-1", "data.alpha", "> 0"),
         ("privacy.epsilon=0", "privacy.epsilon", "> 0"),
@@ -40,6 +40,8 @@ def test_default_config_is_valid_and_round_trips():
         ("clients.bitwidth_method=fancy", "clients.bitwidth_method", "allowed values"),
         ("data.partitioner=shard", "data.partitioner", "allowed values"),
         ("clients.batch_size=0", "clients.batch_size", ">= 1"),
+        ("clients.batch_size=16", "clients.batch_size", "exactly one of clients.batch_size and clients.sample_rate"),
+        ("clients.sample_rate=1.5", "clients.sample_rate", "<= 1"),
         ("strategy.lr=0", "strategy.lr", "> 0"),
         ("strategy.optimizer=rmsprop", "strategy.optimizer", "allowed values"),
         ("strategy.train_head=maybe", "strategy.train_head", "true or false"),
@@ -88,7 +90,7 @@ def test_privacy_checks_against_client_sizes():
     with pytest.raises(ConfigError, match="privacy.delta.*smallest client has n_k=50"):
         check_client_sizes(cfg, [400, 50])
     with pytest.raises(ConfigError) as e:
-        check_client_sizes(config("privacy=dp", "clients.batch_size=64"), [400, 50])
+        check_client_sizes(config("privacy=dp", "clients.batch_size=64", "clients.sample_rate=null"), [400, 50])
     assert e.value.key == "clients.batch_size"
     check_client_sizes(config("privacy=dp"), [400, 500])
 

@@ -109,6 +109,11 @@ class Strategy(ABC):
     def personal_key(self, key: str) -> bool:
         return self.trains_key(key) and not self.shares_key(key)
 
+    @property
+    def trains_lora(self) -> bool:
+        """Whether clients train any LoRA factor (False: only the head, so the whole encoder is a frozen map)."""
+        return LORA_A in self.trains or LORA_B in self.trains
+
     # ---- server half ---------------------------------------------------------------------------
     def init_global(self, initial: Tensors) -> Tensors:
         """Global state for round 1 from the freshly initialised adapter (PEFT init, seeded).

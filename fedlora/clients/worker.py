@@ -23,6 +23,8 @@ from fedlora.aggregation.quant import check_bits, decode_tensors, encode_tensors
 from fedlora.clients.state import ClientStore, LedgerUnavailable, attempt_alive, attempt_identity
 from fedlora.faults import failpoint
 from fedlora.federation import ClientSpec
+from fedlora.schema import ConfigError
+from fedlora.task.cache import cache_start, cached_records
 
 
 class StaleState(RuntimeError):
@@ -35,7 +37,8 @@ class ClientContext:
     index: int
     client_id: str
     strategy: Strategy
-    model: Any
+    model: Any  # the PEFT model (adapter state lives here)
+    runner: Any  # what trains and evaluates: the model, or its cached suffix (task.cache) on cached records
     pad_id: int
     init_adapter: Tensors
     train: list[dict]
@@ -59,23 +62,42 @@ def _model_entry(spec: ClientSpec):
     return _CACHE[key]
 
 
+def _runner(model, start: int, pooling: str):
+    """The model itself, or (cached frozen prefix) its suffix module, built once per process."""
+    if not start:
+        return model
+    key = f"runner:{id(model)}:{start}:{pooling}"
+    if key not in _CACHE:
+        from fedlora.task.cache import CachedSuffix
+
+        _CACHE[key] = CachedSuffix(model, start, pooling)
+    return _CACHE[key]
+
+
 def context(spec: ClientSpec, site, index: int, client_id: str | None = None) -> ClientContext:
     """The client ``index`` of ``site`` (its records tokenised once per process) ready for ``spec``."""
     from fedlora.task.data import tokenize
 
     model, tok, init = _model_entry(spec)
-    key = f"data:{site.cache_key(index)}:{spec.model.max_length}"
+    pad_id = tok.pad_token_id or 0
+    strategy = spec.strategy.create()
+    start = cache_start(spec.model, model, trains_lora=strategy.trains_lora)
+    key = f"data:{site.cache_key(index)}:{spec.model.max_length}:{start}"
     if key not in _CACHE:
-        train, val = site.records(index)
-        _CACHE[key] = (tokenize(train, tok, spec.model.max_length), tokenize(val, tok, spec.model.max_length))
+        train, val = (tokenize(part, tok, spec.model.max_length) for part in site.records(index, spec.labels))
+        if start:
+            train, val = (cached_records(model, start, part, cache_dir=site.cache_dir, pad_id=pad_id)
+                          for part in (train, val))
+        _CACHE[key] = (train, val)
     train, val = _CACHE[key]
     return ClientContext(
         spec=spec,
         index=index,
         client_id=client_id or site.client_id(index),
-        strategy=spec.strategy.create(),
+        strategy=strategy,
         model=model,
-        pad_id=tok.pad_token_id or 0,
+        runner=_runner(model, start, spec.model.pooling),
+        pad_id=pad_id,
         init_adapter=init,
         train=train,
         val=val,
@@ -161,6 +183,7 @@ def _ledger(ctx: ClientContext, store: ClientStore):
         ctx.spec.privacy,
         n=len(ctx.train),
         batch_size=ctx.spec.batch_size,
+        sample_rate=ctx.spec.sample_rate,
         rounds=ctx.spec.rounds,
         local_steps=ctx.spec.local_steps,
     )
@@ -175,6 +198,8 @@ def _charge(ctx: ClientContext, store: ClientStore, rnd: int, version: int):
         ledger = _ledger(ctx, store)
     except LedgerUnavailable as e:
         return None, str(e)
+    except ConfigError as e:  # its own privacy preconditions (δ < 1/n, batch <= n) fail: decline, say why
+        return None, f"privacy preconditions: {e}"
     prior = ledger.charge_for(rnd, version)
     if prior is not None and not attempt_alive(prior["attempt"]):
         return ledger, None
@@ -233,10 +258,10 @@ def train(ctx: ClientContext, store: ClientStore, payload: Tensors, meta: dict) 
     start = _load_workspace(ctx, store, global_state)
     set_trainable(ctx.model, ctx.strategy.trains_key)
     res = train_local(
-        ctx.model,
+        ctx.runner,
         ctx.train,
         steps=ctx.spec.local_steps,
-        batch_size=ctx.spec.batch_size,
+        batch_size=ctx.spec.batch_for(len(ctx.train)),
         lr=ctx.spec.strategy.lr,
         optimizer=ctx.spec.strategy.optimizer,
         seed=seed,
@@ -267,7 +292,7 @@ def evaluate(ctx: ClientContext, store: ClientStore, payload: Tensors, meta: dic
 
     global_state = sync(ctx, store, payload, meta)
     _load_workspace(ctx, store, global_state)
-    out = eval_model(ctx.model, ctx.val, pad_id=ctx.pad_id)
+    out = eval_model(ctx.runner, ctx.val, pad_id=ctx.pad_id)
     return {"accuracy": float(out["accuracy"]), "loss": float(out["loss"]), "num_examples": int(out["n"])}
 
 

@@ -63,7 +63,7 @@ class DPSettings(Group):
                 object.__setattr__(self, k, float(v))
 
 
-def check_dp_settings(s: DPSettings, *, n: int, batch_size: int) -> None:
+def check_dp_settings(s: DPSettings, *, n: int, batch_size: int | None) -> None:
     """Refuse settings that give no (or a meaningless) guarantee for a client with ``n`` training records
     (the static checks ran when ``s`` was built). Raises ``ConfigError`` naming the key and what to change."""
     if n <= 0:
@@ -73,7 +73,7 @@ def check_dp_settings(s: DPSettings, *, n: int, batch_size: int) -> None:
         raise ConfigError("privacy.delta", f"{s.delta:g} must be < 1/n = {1.0 / n:.3g} for a client with n={n} "
                           f"records (δ ≥ 1/n allows releasing a record outright): use privacy.delta <= "
                           f"{1.0 / n / 10:.1e}")
-    if batch_size > n:
+    if batch_size is not None and batch_size > n:
         raise ConfigError("clients.batch_size", f"{batch_size} exceeds the client's n={n} records: the Poisson "
                           f"sample rate batch/n would be > 1; use clients.batch_size <= {n} (or fewer clients, "
                           "clients.num)")

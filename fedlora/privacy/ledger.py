@@ -119,15 +119,16 @@ class PrivacyLedger:
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, settings: DPSettings, *, n: int, batch_size: int, rounds: int, local_steps: int
+        cls, settings: DPSettings, *, n: int, batch_size: int | None, rounds: int, local_steps: int,
+        sample_rate: float | None = None,
     ) -> PrivacyLedger:
-        """A fresh ledger for a client with ``n`` records. q = batch/n (server-side client sampling is never
-        folded in); σ is the explicit ``noise_multiplier`` or calibrated for the planned steps
+        """A fresh ledger for a client with ``n`` records. q = batch/n, or ``sample_rate`` when given (server-side
+        client sampling is never folded in); σ is the explicit ``noise_multiplier`` or calibrated for the planned steps
         ((max_participations or rounds) × local_steps)."""
         check_dp_settings(settings, n=n, batch_size=batch_size)
         if rounds < 1 or local_steps < 1:
             raise ValueError(f"rounds={rounds}, clients.local_steps={local_steps}: both must be >= 1")
-        q = batch_size / n
+        q = float(sample_rate) if sample_rate is not None else batch_size / n
         planned = int(settings.max_participations or rounds) * int(local_steps)
         if settings.noise_multiplier is not None:
             sigma, calibrated = float(settings.noise_multiplier), False

