@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 BASE = ["model=tiny_bert", "data.max_examples=600", "clients.num=4", "clients.per_round=2", "clients.local_steps=3",
-        "clients.batch_size=16", "model.max_length=32", "strategy=fedsvd", "privacy=dp", "privacy.epsilon=50",
+        "clients.batch_size=16", "clients.sample_rate=null", "strategy.optimizer=adam", "strategy.lr=0.01",
+        "model.max_length=32", "strategy=fedsvd", "privacy=dp", "privacy.epsilon=50",
         "privacy.noise=seeded-insecure", "tracking=mlflow"]
 
 

@@ -88,11 +88,15 @@ class ClientsConfig(Group):
 
     num: int = doc("number of clients (partitions)", default=10)
     per_round: int = doc("clients sampled per round (<= num)", default=2)
-    min_reports: int = doc("a round with fewer accepted reports than this fails the run (<= per_round)",
+    min_reports: int = doc("a round with fewer accepted reports than this (declines by a spent privacy budget "
+                           "count as answers) applies nothing and stops the run, resumable (<= per_round)",
                            default=1)
     local_steps: int = doc("optimizer steps per client per round (tau)", default=6)
-    batch_size: int = doc("(expected) batch size; DP-SGD samples each record with q = batch_size / n_k",
-                          default=32)
+    batch_size: int | None = doc("(expected) batch size; DP-SGD samples each record with q = batch_size / n_k. "
+                                 "null when clients.sample_rate is set", default=32)
+    sample_rate: float | None = doc("instead of a batch size: the fraction q of its records each client's batch "
+                                    "holds (DP-SGD's Poisson rate; 1.0 = full batch), the same q for every "
+                                    "client; null: q = batch_size / n_k", default=None)
     cpus: float = doc("CPUs per simulated client actor", default=1)
     bitwidths: dict[int, float] | None = doc(f"fleet mix {{bits: fraction}} over {list(BITWIDTHS)}, fractions "
                                              "summing to 1, e.g. '{32: 0.5, 4: 0.5}'; null: every client 32-bit",
@@ -110,7 +114,12 @@ class ClientsConfig(Group):
             raise ConfigError(self.key("min_reports"), f"got {min_reports}; must be <= clients.per_round "
                                                         f"({per_round})")
         number(self.key("local_steps"), self.local_steps, ge=1, integer=True)
-        number(self.key("batch_size"), self.batch_size, ge=1, integer=True)
+        number(self.key("batch_size"), self.batch_size, ge=1, integer=True, optional=True)
+        number(self.key("sample_rate"), self.sample_rate, gt=0, le=1, optional=True)
+        if (self.batch_size is None) == (self.sample_rate is None):
+            raise ConfigError(self.key("batch_size"),
+                              "set exactly one of clients.batch_size and clients.sample_rate (the other null), "
+                              f"got batch_size={self.batch_size}, sample_rate={self.sample_rate}")
         number(self.key("cpus"), self.cpus, gt=0)
         number(self.key("max_update_norm"), self.max_update_norm, gt=0)
         choice(self.key("bitwidth_method"), self.bitwidth_method, BITWIDTH_METHODS)
@@ -160,6 +169,10 @@ class RuntimeConfig(Group):
     object_store_mb: int | None = doc("local: Ray object store size, MiB", default=512)
     memory_mb: int | None = doc("local: Ray's memory budget for tasks and actors, MiB", default=4096)
     torch_threads: int = doc("torch threads per client actor", default=1)
+    connect_timeout_s: float = doc("how long to wait for a Ray cluster to attach and for client nodes to connect "
+                                   "and answer the handshake", default=120.0)
+    cache_dir: str | None = doc("where simulated clients and the server keep frozen-prefix activations; null: "
+                                "<runs_root>/cache (shared by the runs under it)", default=None)
 
     def __post_init__(self) -> None:
         choice(self.key("kind"), self.kind, RUNTIMES)
@@ -170,6 +183,7 @@ class RuntimeConfig(Group):
         number(self.key("object_store_mb"), self.object_store_mb, gt=0, integer=True, optional=True)
         number(self.key("memory_mb"), self.memory_mb, gt=0, integer=True, optional=True)
         number(self.key("torch_threads"), self.torch_threads, ge=1, integer=True)
+        number(self.key("connect_timeout_s"), self.connect_timeout_s, gt=0)
 
 
 @dataclass(frozen=True)
@@ -190,6 +204,85 @@ class TrackingConfig(Group):
             raise ConfigError(self.key("experiment"), f"got {self.experiment!r}; expected a name")
 
 
+@dataclass(frozen=True)
+class FaultsConfig(Group):
+    """The ``faults`` group: client faults injected into a *simulated* fleet, for tests and chaos runs. Each
+    sampled client, each round, draws (seeded by ``seed``, the round and its id) one of: drop (no reply for
+    ``hang_s``), crash (its ClientApp raises), kill (its actor process dies), straggle (replies after
+    ``straggle_s``), or none."""
+
+    KEY: ClassVar[str] = "faults"
+
+    drop: float = doc("probability that a sampled client never replies (it hangs for hang_s)", default=0.0)
+    crash: float = doc("probability that a sampled client's ClientApp raises", default=0.0)
+    kill: float = doc("probability that a sampled client's actor process dies (SIGKILL)", default=0.0)
+    straggle: float = doc("probability that a sampled client replies only after straggle_s", default=0.0)
+    straggle_s: float = doc("a straggler's delay, seconds", default=0.0)
+    hang_s: float = doc("how long a dropped client hangs, seconds", default=3600.0)
+    seed: int = doc("seeds the draws", default=0)
+
+    def __post_init__(self) -> None:
+        for k in ("drop", "crash", "kill", "straggle"):
+            number(self.key(k), getattr(self, k), ge=0, le=1)
+        if self.drop + self.crash + self.kill + self.straggle > 1 + 1e-9:
+            raise ConfigError(self.key("drop"), "faults.drop + crash + kill + straggle must be <= 1")
+        number(self.key("straggle_s"), self.straggle_s, ge=0)
+        number(self.key("hang_s"), self.hang_s, ge=0)
+        number(self.key("seed"), self.seed, ge=0, integer=True)
+
+    @property
+    def active(self) -> bool:
+        return self.drop + self.crash + self.kill + self.straggle > 0
+
+    def draw(self, rnd: int, client_id: str) -> str | None:
+        """The fault of ``client_id`` in round ``rnd`` (None: behaves), deterministic in (seed, round, id)."""
+        if not self.active:
+            return None
+        import hashlib
+
+        h = hashlib.blake2b(f"{self.seed}:{rnd}:{client_id}".encode(), digest_size=8).digest()
+        u = int.from_bytes(h, "little") / 2**64
+        for name in ("drop", "crash", "kill", "straggle"):
+            u -= getattr(self, name)
+            if u < 0:
+                return name
+        return None
+
+
+@dataclass(frozen=True)
+class DeployConfig(Group):
+    """The ``deploy`` group: ``fedlora serve`` — where the devices reach the Fleet API and how the coordinator's
+    TLS is set up (unused by ``fedlora run``)."""
+
+    KEY: ClassVar[str] = "deploy"
+
+    host: str = doc("interface the devices' Fleet API port listens on (the only port devices see)",
+                    default="0.0.0.0")
+    port: int = doc("the Fleet API port (TLS; only /v1/fleet/* and /health are forwarded; 0: any free port)",
+                    default=9092)
+    names: list[str] = doc("host names / IPs the devices dial, added to the generated server certificate's SANs "
+                           "(127.0.0.1, localhost and ::1 are always in)", default_factory=list)
+    tls_cert: str | None = doc("your server certificate (PEM); null: one is generated on first start", default=None)
+    tls_key: str | None = doc("its private key", default=None)
+    tls_ca: str | None = doc("the CA the devices verify it with", default=None)
+    state_dir: str | None = doc("the deployment's lasting state (TLS, SuperLink database, enrollments); null: "
+                                "<runs_root>/deploy", default=None)
+    min_available: int | None = doc("devices (enrolled and online) to wait for before the run starts; null: "
+                                    "clients.num", default=None)
+    wait_timeout_s: float | None = doc("how long to wait for them; null: as long as it takes", default=None)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(self.key("host"), f"got {self.host!r}; expected an interface address")
+        number(self.key("port"), self.port, ge=0, le=65535, integer=True)
+        if not isinstance(self.names, (list, tuple)) or not all(isinstance(n, str) and n for n in self.names):
+            raise ConfigError(self.key("names"), f"got {self.names!r}; expected a list of host names, e.g. "
+                                                 "deploy.names=[coord.example.org]")
+        object.__setattr__(self, "names", list(self.names))
+        number(self.key("min_available"), self.min_available, ge=1, integer=True, optional=True)
+        number(self.key("wait_timeout_s"), self.wait_timeout_s, gt=0, optional=True)
+
+
 _GROUPS: dict[str, type[Group]] = {
     "strategy": StrategyConfig,
     "model": ModelSpec,
@@ -198,6 +291,8 @@ _GROUPS: dict[str, type[Group]] = {
     "clients": ClientsConfig,
     "runtime": RuntimeConfig,
     "tracking": TrackingConfig,
+    "faults": FaultsConfig,
+    "deploy": DeployConfig,
 }
 
 
@@ -212,6 +307,8 @@ class FedConfig:
     clients: ClientsConfig
     runtime: RuntimeConfig
     tracking: TrackingConfig
+    faults: FaultsConfig
+    deploy: DeployConfig
     rounds: int = doc("federated rounds (> 0)", default=8)
     seed: int = doc("one seed drives the data split, partitions, LoRA/head init, client sampling", default=0)
     runs_root: str = doc("where run directories and the local MLflow store live", default="runs")
@@ -249,12 +346,20 @@ class FedConfig:
 
 
 def check_client_sizes(cfg: FedConfig, train_sizes: list[int]) -> None:
-    """The checks that need the clients' training-set sizes (known before training in simulation): under DP,
-    δ < 1/n and batch <= n for the smallest client."""
+    """The checks that need the clients' training-set sizes (known before training in simulation): batch <= n
+    (with or without DP: a larger batch is refused, never silently clamped) and, under DP, δ < 1/n."""
     smallest = min(train_sizes)
+    if smallest < 1:
+        raise ConfigError("clients.num", f"a client would train on {smallest} records (sizes {sorted(train_sizes)[:5]}"
+                                         "...): lower clients.num or raise data.alpha")
+    batch = cfg.clients.batch_size
+    if batch is not None and batch > smallest and not cfg.privacy.enabled:
+        raise ConfigError("clients.batch_size", f"{batch} exceeds the smallest client's n={smallest} training "
+                                                f"records; use clients.batch_size <= {smallest}, "
+                                                "clients.sample_rate, or fewer clients (clients.num)")
     if cfg.privacy.enabled:
         try:
-            check_dp_settings(cfg.privacy, n=smallest, batch_size=cfg.clients.batch_size)
+            check_dp_settings(cfg.privacy, n=smallest, batch_size=cfg.clients.batch_size)  # q <= 1 by construction
         except ConfigError as e:
             raise ConfigError(e.key, f"{e.message} (the smallest client has n_k={smallest} training records; "
                                      "fewer clients (clients.num) give bigger ones, or try another seed / "

@@ -8,14 +8,16 @@ import functools
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
 from fedlora.clients import worker
+from fedlora.clients.app import actor_pid_files
 from fedlora.clients.site import SimulatedSite
 from fedlora.clients.state import ClientStore
 from fedlora.config import FedConfig, check_client_sizes
-from fedlora.coordinator.core import Coordinator
+from fedlora.coordinator.core import CHECKPOINT, Coordinator, check_resumable, read_checkpoint
 from fedlora.coordinator.observers import ConsoleObserver
 from fedlora.coordinator.records import Downlink
 from fedlora.coordinator.rounds import run_rounds
@@ -23,6 +25,7 @@ from fedlora.env import OFFLINE_ENV, apply_offline_env, quiet_logs
 from fedlora.federation import ClientSpec
 from fedlora.schema import ConfigError
 from fedlora.task.data import label_names, partition_sizes
+from fedlora.task.model import check_model_source
 
 log = logging.getLogger("fedlora.run")
 
@@ -56,11 +59,19 @@ def claim_run_dir(run_dir: Path) -> None:
         json.dump({"pid": os.getpid(), "started": time.time()}, f)
 
 
-def prepare(cfg: FedConfig) -> list[str]:
-    """Every check that needs the data (privacy vs client sizes, batch vs client sizes); returns the label
-    names. Raises ``ConfigError`` naming the key before any federation work."""
-    check_client_sizes(cfg, partition_sizes(cfg.data, cfg.clients.num, cfg.seed))
-    return label_names(cfg.data, cfg.seed)
+def prepare(cfg: FedConfig, *, simulated: bool = True) -> list[str]:
+    """Every check that needs the data or the model files (the model resolves offline, the data parses and has
+    at least two classes; in simulation, the partitioning is feasible and the clients' sizes pass the batch and
+    privacy checks — real devices check their own); returns the label names. Raises ``ConfigError`` naming the
+    key before any engine starts."""
+    check_model_source(cfg.model)
+    labels = label_names(cfg.data, cfg.seed)
+    if len(labels) < 2:
+        raise ConfigError("data.label_column", f"the data has {len(labels)} class ({labels}): a classifier needs at "
+                                               "least two")
+    if simulated:
+        check_client_sizes(cfg, partition_sizes(cfg.data, cfg.clients.num, cfg.seed))
+    return labels
 
 
 INSECURE_NOISE_WARNING = ("WARNING: privacy.noise=seeded-insecure: DP noise and sampling are derived from the run's "
@@ -76,7 +87,14 @@ def _announce(cfg: FedConfig, echo) -> None:
 
 def simulated_site(cfg: FedConfig, run_dir: Path) -> SimulatedSite:
     return SimulatedSite(data=cfg.data, seed=cfg.seed, num_clients=cfg.clients.num,
-                         state_root=str(run_dir / "clients"))
+                         state_root=str(run_dir / "clients"), cache_dir=str(activation_cache_dir(cfg)),
+                         faults=cfg.faults if cfg.faults.active else None)
+
+
+def activation_cache_dir(cfg: FedConfig) -> Path:
+    """Where simulated clients and the server keep frozen-prefix activations: shared by every run under the
+    runs root (an entry is keyed by model, data and k, so runs of a sweep reuse each other's)."""
+    return Path(cfg.runtime.cache_dir or Path(cfg.runs_root) / "cache").resolve()
 
 
 def read_personal(state_root: str, client_id: str):
@@ -84,8 +102,9 @@ def read_personal(state_root: str, client_id: str):
     return ClientStore(state_root, client_id).load_personal() or None
 
 
-def _coordinator_args(run_dir: Path) -> dict:
-    return dict(personal_states=functools.partial(read_personal, str(run_dir / "clients")))
+def _coordinator_args(cfg: FedConfig, run_dir: Path) -> dict:
+    return dict(personal_states=functools.partial(read_personal, str(run_dir / "clients")),
+                cache_dir=str(activation_cache_dir(cfg)))
 
 
 def _write_config(cfg: FedConfig, run_dir: Path) -> None:
@@ -121,12 +140,45 @@ def load_run_config(run_dir: str | os.PathLike, overrides: list[str] = ()) -> Fe
     return FedConfig.from_dict(d)
 
 
+def check_reachable(address: str, timeout_s: float) -> None:
+    """A ``host:port`` / ``ray://host:port`` cluster address answers a TCP connect, or a ConfigError naming it."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    if address == "auto" or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:
+        raise ConfigError("runtime.address", f"cannot reach a Ray cluster at {address!r} ({type(e).__name__}: {e});"
+                                             " start one (ray start --head) or fix runtime.address") from None
+
+
 def _ray_init(cfg: FedConfig) -> None:
     import ray
 
     rt = cfg.runtime
     runtime_env = {"env_vars": {**OFFLINE_ENV, "FEDLORA_TORCH_THREADS": str(rt.torch_threads)}}
     if ray.is_initialized():
+        return
+    if rt.kind == "ray_cluster":
+        check_reachable(rt.address, rt.connect_timeout_s)
+        box: dict = {}
+
+        def attach() -> None:
+            try:
+                ray.init(address=rt.address, runtime_env=runtime_env, logging_level=logging.WARNING)
+            except BaseException as e:  # noqa: BLE001 - reported below, with the address
+                box["error"] = e
+
+        t = threading.Thread(target=attach, daemon=True, name="fedlora-ray-attach")
+        t.start()
+        t.join(rt.connect_timeout_s)
+        if t.is_alive() or "error" in box:
+            why = box.get("error") or f"no answer within runtime.connect_timeout_s={rt.connect_timeout_s:g}s"
+            raise ConfigError("runtime.address", f"cannot attach to the Ray cluster at {rt.address!r}: {why}")
         return
     if rt.kind == "local":
         ray.init(
@@ -139,8 +191,6 @@ def _ray_init(cfg: FedConfig) -> None:
             logging_level=logging.WARNING,
             configure_logging=True,
         )
-    else:
-        ray.init(address=rt.address, runtime_env=runtime_env, logging_level=logging.WARNING)
 
 
 def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id: str | None = None,
@@ -158,27 +208,39 @@ def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id:
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     labels = prepare(cfg)
+    if (run_dir / CHECKPOINT).exists():  # a resume: an unreadable checkpoint is named before Ray starts
+        check_resumable(read_checkpoint(run_dir / CHECKPOINT).get("config"), cfg.to_dict(), run_dir / CHECKPOINT)
     _announce(cfg, echo)
     _write_config(cfg, run_dir)
 
     _ray_init(cfg)
     actor_cls = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)
     coord = actor_cls.options(name=f"coordinator-{run_dir.name}", namespace="fedlora").remote(
-        cfg, labels, str(run_dir), parent_run_id, **_coordinator_args(run_dir))
+        cfg, labels, str(run_dir), parent_run_id, **_coordinator_args(cfg, run_dir))
     outcome: dict = {}
     console = ConsoleObserver(rounds=cfg.rounds, privacy=cfg.privacy.enabled, echo=echo)
+    done = threading.Event()
     server_app = make_server_app(coord, num_nodes=cfg.clients.num, timeout_s=cfg.round_timeout_s,
-                                 outcome=outcome, observers=[console])
-    backend_config = {"client_resources": {"num_cpus": float(cfg.clients.cpus), "num_gpus": 0.0}, "init_args": {}}
+                                 connect_timeout_s=cfg.runtime.connect_timeout_s, outcome=outcome,
+                                 observers=[console], on_done=done.set,
+                                 on_abandon=functools.partial(release_actors, run_dir / "clients"))
+    # Ray restarts a client actor that dies (its in-flight message fails: that client's contribution, not the
+    # round); Flower passes client_resources on to the actor's options.
+    backend_config = {"client_resources": {"num_cpus": float(cfg.clients.cpus), "num_gpus": 0.0,
+                                           "max_restarts": -1, "max_task_retries": 0}, "init_args": {}}
+    site = simulated_site(cfg, run_dir)
+    watchdog = threading.Thread(target=_release_hung_actors, args=(done, Path(site.state_root)), daemon=True)
+    watchdog.start()
     try:
         run_simulation(
             server_app=server_app,
-            client_app=make_client_app(simulated_site(cfg, run_dir)),
+            client_app=make_client_app(site),
             num_supernodes=cfg.clients.num,
             backend_name="ray",
             backend_config=backend_config,
         )
     finally:
+        done.set()
         if ray.is_initialized():
             ray.shutdown()
     if "error" in outcome:
@@ -186,6 +248,33 @@ def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id:
     if "summary" not in outcome:
         raise RuntimeError(f"federation ended without a result; see the log above and {run_dir}")
     return outcome["summary"]
+
+
+def release_actors(state_root: Path, client_ids: set[str] | None = None) -> list[int]:
+    """Kill the simulation's client actors busy with ``client_ids`` (any busy one when None): an abandoned
+    straggler or a hung client would otherwise hold its actor, and Flower's pool, forever. Ray restarts them.
+    Only processes this run's ClientApp registered are touched."""
+    import signal
+
+    killed = []
+    for f in actor_pid_files(state_root):
+        try:
+            busy = f.read_text().strip()
+            if busy and (client_ids is None or busy in client_ids):
+                os.kill(int(f.name), signal.SIGKILL)
+                killed.append(int(f.name))
+        except (OSError, ValueError):
+            pass
+    if killed:
+        log.warning("released %d client actor(s) busy with abandoned clients: %s", len(killed), killed)
+    return killed
+
+
+def _release_hung_actors(done: threading.Event, state_root: Path, grace_s: float = 15.0) -> None:
+    """Once the federation is over, any client actor still busy would keep Flower's simulation waiting forever."""
+    done.wait()
+    time.sleep(grace_s)
+    release_actors(state_root)
 
 
 class InProcessTransport:
@@ -231,6 +320,6 @@ def run_inprocess(cfg: FedConfig, run_dir: str | os.PathLike, *, echo=print) -> 
     run_dir = Path(run_dir)
     labels = prepare(cfg)
     _announce(cfg, echo)
-    coord = Coordinator(cfg, labels, str(run_dir), **_coordinator_args(run_dir))
+    coord = Coordinator(cfg, labels, str(run_dir), **_coordinator_args(cfg, run_dir))
     console = ConsoleObserver(rounds=cfg.rounds, privacy=cfg.privacy.enabled, echo=echo)
     return run_rounds(coord, InProcessTransport(simulated_site(cfg, run_dir)), [console])

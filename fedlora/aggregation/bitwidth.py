@@ -132,6 +132,10 @@ class BitwidthAggregator(Strategy):
     def personal_key(self, key: str) -> bool:
         return self.inner.personal_key(key)
 
+    @property
+    def trains_lora(self) -> bool:  # type: ignore[override]
+        return self.inner.trains_lora
+
     def init_global(self, initial: Tensors) -> Tensors:
         return self.inner.init_global(initial)
 

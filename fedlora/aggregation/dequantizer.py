@@ -389,6 +389,9 @@ class ProgressiveDequantizer(nn.Module):
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         extra = state_dict.get("_extra_state")
-        if isinstance(extra, Mapping):
-            self.ensure_rungs(extra.get("ladder", []))
+        if isinstance(extra, Mapping):  # exactly the state's ladder: rungs created since are dropped
+            ladder = [int(b) for b in extra.get("ladder", [])]
+            for b in [b for b in self.ladder if b not in ladder]:
+                del self.blocks[str(b)]
+            self.ensure_rungs(ladder)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -185,6 +185,8 @@ def decode(
     if numel == 0:
         return torch.zeros(shape, dtype=torch.float32)
     levels = (u - q).to(torch.float32).reshape(rows, numel // rows)
+    if ((scales == 0).unsqueeze(1) & (levels != 0)).any():
+        raise ValueError(f"{what}: a row with scale 0 has non-zero codes (an all-zero row has codes q only)")
     # level·scale is exact in fp32 (≤ 8 + 11 significant bits)
     return (levels * scales.to(torch.float32).unsqueeze(1)).reshape(shape)
 

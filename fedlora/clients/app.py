@@ -12,6 +12,11 @@ partitions and state folder, never sent in a message); node_config ``partition-i
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -19,7 +24,38 @@ from fedlora import wire
 from fedlora.clients import worker
 from fedlora.clients.site import SimulatedSite
 from fedlora.clients.state import ClientStore
+from fedlora.env import quiet_logs
 from fedlora.federation import ClientSpec
+
+
+def inject(faults, rnd: int, client_id: str, state_root: Path) -> None:
+    """The fault ``faults`` draws for this client and round (simulation only): hang, raise, die or delay. A killed
+    client's process dies once per round; if the message is re-sent (the transport retries messages that met a
+    restarting actor) the client fails by raising, so a kill costs exactly that client."""
+    fault = faults.draw(rnd, client_id)
+    if fault == "crash":
+        raise RuntimeError(f"injected crash (faults.crash) of {client_id} in round {rnd}")
+    if fault == "kill":
+        marker = state_root / ".faults" / f"killed-{rnd}-{client_id}"
+        if marker.exists():
+            raise RuntimeError(f"injected kill (faults.kill) of {client_id} in round {rnd}: already died once")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault in ("drop", "straggle"):
+        time.sleep(faults.hang_s if fault == "drop" else faults.straggle_s)
+
+
+def actor_pid_files(state_root: Path) -> list[Path]:
+    """The processes that served this simulation's clients: each registers itself (``.actors/<pid>``), and the
+    file says which client it is busy with (empty when idle)."""
+    return sorted((state_root / ".actors").glob("[0-9]*"))
+
+
+def _busy(state_root: Path, client_id: str) -> None:
+    marker = state_root / ".actors" / str(os.getpid())
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(client_id)
 
 
 def make_client_app(site: SimulatedSite) -> ClientApp:
@@ -27,27 +63,37 @@ def make_client_app(site: SimulatedSite) -> ClientApp:
     app = ClientApp()
 
     def setup(msg: Message, context: Context):
+        quiet_logs()  # in the actor process (the app is unpickled there): its end-of-run termination warning
         spec_d, meta, payload = wire.read_request(msg.content)
         spec = ClientSpec.from_dict(spec_d)
         index = int(context.node_config["partition-id"])
+        _busy(Path(site.state_root), site.client_id(index))
         ctx = worker.context(spec, site, index)
         return ctx, ClientStore(site.state_root, ctx.client_id), meta, payload
+
+    def done(reply: Message) -> Message:
+        _busy(Path(site.state_root), "")
+        return reply
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         ctx, store, _, _ = setup(msg, context)
-        return Message(wire.reply(info=worker.hello(ctx, store)), reply_to=msg)
+        return done(Message(wire.reply(info=worker.hello(ctx, store)), reply_to=msg))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if site.faults is not None:  # before the client's model and data load: a fault costs no start-up
+            cid = site.client_id(int(context.node_config["partition-id"]))
+            _busy(Path(site.state_root), cid)
+            inject(site.faults, int(wire.read_request(msg.content)[1]["round"]), cid, Path(site.state_root))
         ctx, store, meta, payload = setup(msg, context)
         upload, metrics, info = worker.train(ctx, store, payload, meta)
-        return Message(wire.reply(info=info, metrics=metrics, update=upload), reply_to=msg)
+        return done(Message(wire.reply(info=info, metrics=metrics, update=upload), reply_to=msg))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         ctx, store, meta, payload = setup(msg, context)
         metrics = worker.evaluate(ctx, store, payload, meta)
-        return Message(wire.reply(info={"client_id": ctx.client_id}, metrics=metrics), reply_to=msg)
+        return done(Message(wire.reply(info={"client_id": ctx.client_id}, metrics=metrics), reply_to=msg))
 
     return app

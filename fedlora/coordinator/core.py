@@ -23,14 +23,15 @@ from typing import Any, Callable
 import torch
 
 from fedlora.aggregation.base import ClientUpdate, Tensors
-from fedlora.aggregation.quant import decode_tensors, encode_tensors, fake_quantize, payload_bytes
+from fedlora.aggregation.quant import encode_tensors, fake_quantize, payload_bytes
 from fedlora.config import FedConfig
 from fedlora.coordinator.observers import CheckpointObserver, RoundObserver, SummaryObserver
 from fedlora.coordinator.records import ClientRow, Downlink, RoundPlan, RoundRecord, Sent
 from fedlora.coordinator.tracking import make_tracker
-from fedlora.coordinator.validation import UpdateRejected, validate_update
+from fedlora.coordinator.validation import UpdateRejected, parse_eval_reply, parse_hello, parse_reply
 from fedlora.env import quiet_logs
 from fedlora.federation import client_spec, fleet_bits, server_strategy
+from fedlora.task.cache import CachedSuffix, cache_start, cached_records
 from fedlora.task.data import global_split, tokenize
 from fedlora.task.model import adapter_state, build_model, load_adapter_state, load_tokenizer
 from fedlora.task.train import evaluate
@@ -43,7 +44,7 @@ SUMMARY = "summary.json"
 
 #: config keys a resumed run may change (how long and where it runs); everything else, privacy above all, is the
 #: stored run's: a resumed federation is the same federation
-RESUMABLE = ("rounds", "round_timeout_s", "tracking.uri", "runtime")
+RESUMABLE = ("rounds", "round_timeout_s", "tracking.uri", "runtime", "faults", "deploy")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -73,9 +74,34 @@ def check_resumable(stored: dict | None, new: dict, where: Path) -> None:
                                       f"change on resume (changed: {changed})")
 
 
+CHECKPOINT_KEYS = ("global_state", "strategy", "version", "round", "client_versions", "ledgers", "exhausted",
+                   "history", "totals", "run_id")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's checkpoint, or a ``ConfigError`` naming the file when it is truncated, corrupt or not ours."""
+    from fedlora.schema import ConfigError
+
+    try:
+        state = torch.load(path, weights_only=False)
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler says, the file is unusable: name it
+        raise ConfigError("checkpoint", f"{path} is unreadable ({type(e).__name__}: {str(e)[:200]}): it was "
+                                        "truncated or corrupted; restore it from a backup, or start a new run "
+                                        "(fedlora run)") from None
+    if missing:
+        raise ConfigError("checkpoint", f"{path} is not a fedlora checkpoint (missing {missing})")
+    return state
+
+
+class RoundFailed(RuntimeError):
+    """A round ended with fewer accepted reports than clients.min_reports: the run stops (resumable)."""
+
+
 class Coordinator:
     def __init__(self, cfg: FedConfig, labels: list[str], run_dir: str, parent_run_id: str | None = None, *,
-                 personal_states: Callable[[str], Tensors | None] | None = None) -> None:
+                 personal_states: Callable[[str], Tensors | None] | None = None,
+                 cache_dir: str | None = None) -> None:
         """``personal_states(client_id)``: in simulation, read a client's personal tensors from its state folder
         (the reference-global evaluation oracle of FedSA-LoRA); None in deployment, where they stay on devices."""
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -92,6 +118,11 @@ class Coordinator:
         self.pad_id = tok.pad_token_id or 0
         _, test = global_split(cfg.data, cfg.seed)
         self.test = tokenize(list(test), tok, cfg.model.max_length)
+        self.runner = self.model
+        start = cache_start(cfg.model, self.model, trains_lora=self.strategy.trains_lora)
+        if start:  # evaluate from the frozen-prefix cache too (task.cache)
+            self.test = cached_records(self.model, start, self.test, cache_dir=cache_dir, pad_id=self.pad_id)
+            self.runner = CachedSuffix(self.model, start, cfg.model.pooling)
         init = adapter_state(self.model)
         self.init_adapter = init
         self.expected = {k: v.shape for k, v in init.items() if self.strategy.shares_key(k)}
@@ -110,7 +141,7 @@ class Coordinator:
         run_id = None
         ckpt = self.run_dir / CHECKPOINT
         if ckpt.exists():
-            state = torch.load(ckpt, weights_only=False)
+            state = read_checkpoint(ckpt)
             check_resumable(state.get("config"), cfg.to_dict(), ckpt)
             run_id = self.load_state_dict(state)
             self.resumes += 1
@@ -156,17 +187,23 @@ class Coordinator:
 
     def register(self, hellos: dict[int, dict]) -> int:
         """Record which client each node is (from the handshake) and its bitwidth."""
-        for node_id, h in hellos.items():
-            cid = str(h["client_id"])
+        for node_id, raw in hellos.items():
+            try:
+                h = parse_hello(raw)
+            except UpdateRejected as e:
+                log.warning("node %s: handshake refused: %s", node_id, e.reason)
+                continue
+            cid = h["client_id"]
             index = int(h.get("index", -1))
-            bits = self.fleet[index] if 0 <= index < len(self.fleet) else 32
+            bits = h["enrolled_bits"] if "enrolled_bits" in h else (
+                self.fleet[index] if 0 <= index < len(self.fleet) else 32)
             self.nodes[int(node_id)] = {**h, "client_id": cid, "bits": bits}
             # What a client holds is what this coordinator recorded (its checkpoint), never what the client says: a
             # version number from another federation would make a delta land on the wrong base. A client that is
             # already at the version it is sent (a round asked again after a restart) keeps what it holds.
             self.client_versions.setdefault(cid, None)
-            mirrored = int(self.ledgers.get(cid, {}).get("steps", 0))
-            if mirrored > int(h.get("ledger_steps", 0)):
+            mirrored = int(self.ledgers[cid]["steps"]) if cid in self.ledgers else None
+            if mirrored is not None and mirrored > h["ledger_steps"]:
                 self._refuse(cid, f"its privacy ledger records {h.get('ledger_steps')} DP steps, below the {mirrored} "
                                   "it reported before (reset, deleted or unreadable): not scheduled again")
         return len(self.nodes)
@@ -178,6 +215,10 @@ class Coordinator:
 
     def done(self) -> bool:
         return self.round >= self.cfg.rounds
+
+    def history_records(self, start: int = 0) -> list[dict]:
+        """The finished rounds' records from index ``start`` on (what ``fedlora serve`` prints as they come)."""
+        return self.history[start:]
 
     # ---- one round -------------------------------------------------------------------------------
     def plan_round(self) -> RoundPlan | None:
@@ -216,22 +257,30 @@ class Coordinator:
         rnd = plan.round
         t_agg0 = time.perf_counter()
         record = RoundRecord(round=rnd, sampled=len(plan.sent), t0=plan.t0,
-                             bytes_down=sum(s.bytes for s in plan.sent.values()))
+                             bytes_down=sum(s.bytes for s in plan.sent.values()),
+                             sampled_clients=sorted(s.client_id for s in plan.sent.values()))
         updates: list[ClientUpdate] = []
         answered = set()
         for r in replies:
-            nid = int(r["node_id"])
-            sent = plan.sent.get(nid)
+            nid = r.get("node_id") if isinstance(r, dict) else None
+            sent = plan.sent.get(nid) if isinstance(nid, int) and not isinstance(nid, bool) else None
             if sent is None:
                 log.warning("round %d: reply from node %s that was not sampled; ignored", rnd, nid)
                 continue
             answered.add(nid)
-            update = self._accept(rnd, sent, r, record)
+            update = self._accept(rnd, nid, sent, r, record)
             if update is not None:
                 updates.append(update)
         record.dropped = len(plan.sent) - len(answered)
         for nid in set(plan.sent) - answered:  # a dropped client may or may not have synced: full payload next time
             self.client_versions[plan.sent[nid].client_id] = None
+        # declines (a spent privacy budget) are answers; fewer eligible clients than min_reports lower the bar
+        if len(updates) + record.declined < min(self.cfg.clients.min_reports, record.sampled):
+            raise RoundFailed(
+                f"round {rnd}: {len(updates)} accepted report(s) < clients.min_reports={self.cfg.clients.min_reports} "
+                f"({record.failed} failed, {record.dropped} dropped, {record.rejected} rejected, {record.declined} "
+                f"declined of {record.sampled} sampled); nothing of this round was applied; the run stops and "
+                f"`fedlora resume {self.run_dir}` continues from round {rnd - 1}")
         if updates:
             self.global_state = self.strategy.aggregate(self.global_state, updates)
             self.version += 1
@@ -246,59 +295,46 @@ class Coordinator:
         stats = self.strategy.last_stats
         if stats:
             record.strategy_stats = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
-        if len(updates) < self.cfg.clients.min_reports and not self._all_exhausted():
-            log.error("round %d: %d reports < clients.min_reports=%d", rnd, len(updates),
-                      self.cfg.clients.min_reports)
         record.evaluate_clients = (not self.strategy.has_global_model) and self._eval_round(rnd)
         return record
 
-    def _accept(self, rnd: int, sent: Sent, r: dict, record: RoundRecord) -> ClientUpdate | None:
-        """One reply: count it, mirror its ledger, and return its validated update (None if there is none)."""
+    def _accept(self, rnd: int, nid: int, sent: Sent, r: dict, record: RoundRecord) -> ClientUpdate | None:
+        """One reply: validate all of it (``validation.parse_reply``), count it, mirror its ledger, and return its
+        update (None if it has none or was rejected). Nothing a client sends can raise past this point."""
         cid = sent.client_id
         if r.get("error"):
             record.failed += 1
-            log.warning("round %d: %s failed: %s", rnd, cid, r["error"])
+            log.warning("round %d: %s failed: %s", rnd, cid, str(r["error"])[:500])
             self.client_versions[cid] = None  # unknown what it holds now: next time, a full payload
             return None
-        self.client_versions[cid] = self.version  # it synced to the version we sent
-        info, metrics = r.get("info", {}), r.get("metrics", {})
-        if info.get("ledger"):
-            reported = json.loads(info["ledger"])
-            mirrored = int(self.ledgers.get(cid, {}).get("steps", 0))
-            if int(reported["steps"]) < mirrored:
-                record.rejected += 1
-                self._refuse(cid, f"its privacy ledger went backwards ({reported['steps']} DP steps reported, "
-                                  f"{mirrored} before): update rejected, not scheduled again")
-                return None
-            self.ledgers[cid] = reported
-        if "can_run_next" in info and not int(info["can_run_next"]):
-            self.exhausted.setdefault(cid, "privacy budget: next round would pass the target ε")
-        if info.get("declined"):
-            record.declined += 1
-            self.exhausted[cid] = str(info["declined"])
-            log.info("round %d: %s declined: %s", rnd, cid, info["declined"])
-            return None
-        up = r.get("update", {})
-        record.bytes_up += payload_bytes(up)
         try:
-            deltas = self._decode_upload(cid, up, sent.bits)
-            norm = validate_update(cid, deltas, self.expected, max_norm=self.cfg.clients.max_update_norm,
-                                   num_examples=metrics.get("num_examples"))
+            rep = parse_reply(r, client_id=cid, declared_examples=int(self.nodes[nid]["n_train"]), bits=sent.bits,
+                              expected=self.expected, max_norm=self.cfg.clients.max_update_norm,
+                              dp=self.cfg.privacy.enabled)
         except UpdateRejected as e:
             record.rejected += 1
             log.warning("round %d: %s", rnd, e)
+            self.client_versions[cid] = None
             return None
-        record.clients[cid] = ClientRow(loss=float(metrics.get("loss", math.nan)),
-                                        client_s=float(metrics.get("client_s", 0.0)), update_norm=norm)
-        return ClientUpdate(cid, deltas, int(metrics["num_examples"]), {"bits": sent.bits})
-
-    def _decode_upload(self, cid: str, up: Tensors, bits: int) -> Tensors:
-        if bits == 32:
-            return up
-        try:
-            return decode_tensors(up, bits, dict(self.expected))
-        except (ValueError, KeyError) as e:
-            raise UpdateRejected(cid, f"malformed {bits}-bit payload: {e}") from e
+        self.client_versions[cid] = self.version  # it synced to the version we sent
+        if rep.ledger is not None:
+            mirrored = int(self.ledgers.get(cid, {}).get("steps", 0))
+            if rep.ledger["steps"] < mirrored:
+                record.rejected += 1
+                self._refuse(cid, f"its privacy ledger went backwards ({rep.ledger['steps']} DP steps reported, "
+                                  f"{mirrored} before): update rejected, not scheduled again")
+                return None
+            self.ledgers[cid] = rep.ledger
+        if rep.can_run_next is False:
+            self.exhausted.setdefault(cid, "privacy budget: next round would pass the target ε")
+        if rep.declined:
+            record.declined += 1
+            self.exhausted[cid] = rep.declined
+            log.info("round %d: %s declined: %s", rnd, cid, rep.declined)
+            return None
+        record.bytes_up += rep.bytes_up
+        record.clients[cid] = ClientRow(loss=rep.loss, client_s=rep.client_s, update_norm=rep.update_norm)
+        return ClientUpdate(cid, rep.update, rep.num_examples, {"bits": sent.bits})
 
     def _all_exhausted(self) -> bool:
         return bool(self.nodes) and all(h["client_id"] in self.exhausted for h in self.nodes.values())
@@ -320,12 +356,18 @@ class Coordinator:
     def _personalised(self, record: RoundRecord, replies: list[dict]) -> None:
         accs, ns = [], []
         for r in replies:
-            if r.get("error"):
+            nid = r.get("node_id") if isinstance(r, dict) else None
+            if r.get("error") or nid not in self.nodes:
                 continue
-            nid = int(r["node_id"])
-            self.client_versions[self.nodes[nid]["client_id"]] = self.version
-            accs.append(float(r["metrics"]["accuracy"]))
-            ns.append(int(r["metrics"]["num_examples"]))
+            node = self.nodes[nid]
+            try:
+                acc, n = parse_eval_reply(r, client_id=node["client_id"], declared_examples=node["n_val"])
+            except UpdateRejected as e:
+                log.warning("round %d: evaluation %s", record.round, e)
+                continue
+            self.client_versions[node["client_id"]] = self.version
+            accs.append(acc)
+            ns.append(n)
         record.personalized_accuracy = sum(a * n for a, n in zip(accs, ns)) / sum(ns) if ns else None
         record.personalized_accuracy_unweighted = _mean(accs)
         record.personalized_clients = len(accs)
@@ -370,8 +412,9 @@ class Coordinator:
                 record.global_accuracy_by_bits = {b: self.evaluate_global(bits=b)["accuracy"] for b in low}
         record.eval_s = time.perf_counter() - t_eval0
         eps = {cid: float(led["epsilon"]) for cid, led in self.ledgers.items()}
-        record.epsilon_max = max(eps.values(), default=0.0)
-        record.epsilon_per_client = eps
+        if self.cfg.privacy.enabled:  # without DP there is no ε to report (never a 0.0 nobody computed)
+            record.epsilon_max = max(eps.values(), default=0.0)
+            record.epsilon_per_client = eps
         record.round_s = time.perf_counter() - record.t0
         record.overhead_s = max(0.0, record.round_s - record.client_compute_s - record.aggregate_s - record.eval_s)
         self.totals["bytes_up"] += record.bytes_up
@@ -388,7 +431,7 @@ class Coordinator:
     def _evaluate_state(self, state: Tensors) -> dict:
         """The model with adapter ``state`` (over the seeded init) on the server's test split."""
         load_adapter_state(self.model, {**self.init_adapter, **state})
-        return evaluate(self.model, self.test, pad_id=self.pad_id)
+        return evaluate(self.runner, self.test, pad_id=self.pad_id)
 
     def evaluate_global(self, bits: int = 32) -> dict:
         """The global model on the server's test split; ``bits`` < 32: as a client of that bitwidth holds it."""
@@ -411,7 +454,7 @@ class Coordinator:
             "personalized_accuracy": last("personalized_accuracy"),
             "reference_global_accuracy": last("reference_global_accuracy"),
             "history": [{k: v for k, v in h.items() if k != "clients"} for h in self.history],
-            "epsilon_max": max(eps.values(), default=0.0),
+            "epsilon_max": max(eps.values(), default=0.0) if dp else None,
             "epsilon_per_client": eps,
             "delta": float(self.cfg.privacy.delta) if dp else None,
             "privacy": self.privacy_report(),

@@ -82,8 +82,9 @@ class RoundRecord:
     eval_s: float = 0.0
     round_s: float = 0.0
     overhead_s: float = 0.0
-    epsilon_max: float = 0.0
+    epsilon_max: float | None = None  # None without DP
     epsilon_per_client: dict[str, float] = field(default_factory=dict)
+    sampled_clients: list[str] = field(default_factory=list)
     clients: dict[str, ClientRow] = field(default_factory=dict)
     evaluate_clients: bool = False
     t0: float = 0.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -118,35 +119,76 @@ def _read_bbc_news() -> tuple[list[str], list[int], list[str]]:
     return texts, labels, names
 
 
+FILE_FORMATS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}
+
+
+def read_table(path: str | os.PathLike, text_column: str, label_column: str,
+               key: str = "data.path") -> tuple[list[str], list[str]]:
+    """(texts, labels as strings) of a local CSV/TSV/JSON/JSONL/Parquet file, or a ``ConfigError`` naming ``key``,
+    the file and what is wrong (missing, empty, not UTF-8, unparsable, missing columns, no records, empty cells)."""
+    import datasets
+
+    p = Path(path)
+    fmt = FILE_FORMATS.get(p.suffix.lower().lstrip("."))
+    if fmt is None:
+        raise ConfigError(key, f"{str(p)!r}: unsupported file type; allowed: .csv .tsv .json .jsonl .parquet")
+    if not p.is_file():
+        raise ConfigError(key, f"{p}: no such file")
+    if p.stat().st_size == 0:
+        raise ConfigError(key, f"{p}: the file is empty")
+    if fmt != "parquet":
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(key, f"{p}: not UTF-8 text ({e}); convert it, e.g. iconv -t utf-8") from None
+        if fmt == "csv" and sum(1 for line in text.splitlines() if line.strip()) < 2:
+            raise ConfigError(key, f"{p}: has a header but no records")
+    kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs)
+    except Exception as e:  # noqa: BLE001 - the library's parse errors become one message naming the file
+        if "corresponds to no data" in str(e):
+            raise ConfigError(key, f"{p}: no records") from None
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(key, f"{p}: cannot be read as {p.suffix.lstrip('.')} ({type(e).__name__}: {first})") from None
+    for col, ckey in ((text_column, "data.text_column"), (label_column, "data.label_column")):
+        if col not in ds.column_names:
+            raise ConfigError(ckey, f"column {col!r} is not in {p} (its columns: {ds.column_names}); set "
+                                    f"{ckey}")
+    if len(ds) == 0:
+        raise ConfigError(key, f"{p}: has a header but no records")
+    texts, labels = ds[text_column], ds[label_column]
+    bad = [i for i, (t, y) in enumerate(zip(texts, labels)) if t is None or y is None or str(t).strip() == ""]
+    if bad:
+        raise ConfigError(key, f"{p}: {len(bad)} record(s) with an empty text or label (first at row {bad[0] + 1}); "
+                               "remove or fill them")
+    return [str(t) for t in texts], [str(y) if not isinstance(y, bool) else str(int(y)) for y in labels]
+
+
+def _label_ids(raw: list[str]) -> tuple[list[int], list[str]]:
+    """Labels as ids into their sorted names (integers sorted numerically: 0..K-1 stay themselves)."""
+    names = sorted(set(raw), key=lambda v: (0, int(v)) if v.lstrip("-").isdigit() else (1, v))
+    index = {n: i for i, n in enumerate(names)}
+    return [index[v] for v in raw], names
+
+
 def _read_with_datasets(spec: DataSpec) -> tuple[list[str], list[int], list[str]]:
     import datasets
 
-    if not spec.path:
-        raise ValueError(f"data.name={spec.name!r} needs data.path (a local csv/json/parquet file or a dataset id)")
     if spec.name == "local":
-        suffix = Path(spec.path).suffix.lower().lstrip(".")
-        fmt = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}.get(suffix)
-        if fmt is None:
-            raise ConfigError("data.path", f"{spec.path!r}: unsupported file type; allowed: .csv .tsv .json .jsonl "
-                                           ".parquet")
-        kwargs = {"delimiter": "\t"} if suffix == "tsv" else {}
-        ds = datasets.load_dataset(fmt, data_files=spec.path, split="train", **kwargs)
+        texts, raw = read_table(spec.path, spec.text_column, spec.label_column)
     else:
-        ds = datasets.load_dataset(spec.path, split="train")
-    for col in (spec.text_column, spec.label_column):
-        if col not in ds.column_names:
-            raise ValueError(
-                f"data: column {col!r} not in {spec.path!r} (columns: {ds.column_names}); "
-                "set data.text_column / data.label_column"
-            )
-    raw = ds[spec.label_column]
-    names = sorted({str(v) for v in raw})
-    if all(isinstance(v, int) for v in raw):
-        names = [str(i) for i in range(max(raw) + 1)]
-        labels = list(raw)
-    else:
-        labels = [names.index(str(v)) for v in raw]
-    return [str(t) for t in ds[spec.text_column]], labels, names
+        try:
+            ds = datasets.load_dataset(spec.path, split="train")
+        except Exception as e:  # noqa: BLE001 - named, not a traceback
+            raise ConfigError("data.path", f"{spec.path!r}: datasets.load_dataset failed offline "
+                                           f"({type(e).__name__}: {str(e)[:300]})") from None
+        for col, ckey in ((spec.text_column, "data.text_column"), (spec.label_column, "data.label_column")):
+            if col not in ds.column_names:
+                raise ConfigError(ckey, f"column {col!r} is not in {spec.path!r} (columns: {ds.column_names})")
+        texts, raw = [str(t) for t in ds[spec.text_column]], [str(v) for v in ds[spec.label_column]]
+    labels, names = _label_ids(raw)
+    return texts, labels, names
 
 
 READERS = {
@@ -236,9 +278,25 @@ def client_split(spec: DataSpec, num_clients: int, index: int, seed: int) -> tup
 
 
 def partition_sizes(spec: DataSpec, num_clients: int, seed: int) -> list[int]:
-    """Training-set size of every client (what the privacy pre-flight checks before any work starts)."""
+    """Training-set size of every client (what the privacy pre-flight checks before any work starts). A
+    partitioning that cannot be done fails here with our message, naming the keys to change."""
     p = _partitioner(spec, num_clients, seed)
-    return [split_sizes(len(p.load_partition(i)), spec.val_fraction)[0] for i in range(num_clients)]
+    try:
+        sizes = [len(p.load_partition(i)) for i in range(num_clients)]
+    except ValueError as e:
+        pool = len(global_split(spec, seed)[0])
+        raise ConfigError("data.alpha" if spec.partitioner == "dirichlet" else "clients.num",
+                          f"cannot split {pool} records into clients.num={num_clients} partitions "
+                          + (f"with data.alpha={spec.alpha:g} and data.min_partition_size={spec.min_partition_size}"
+                             ": raise data.alpha, lower clients.num or data.min_partition_size"
+                             if spec.partitioner == "dirichlet" else "")
+                          + f" ({str(e).splitlines()[0][:160]})") from None
+    small = [i for i, n in enumerate(sizes) if n < 2]
+    if small:
+        raise ConfigError("clients.num", f"client {small[0]} would hold {sizes[small[0]]} record(s) (a client needs "
+                                         "at least 2: training and validation): lower clients.num or raise "
+                                         "data.alpha")
+    return [split_sizes(n, spec.val_fraction)[0] for n in sizes]
 
 
 def tokenize(records: list[dict], tokenizer, max_length: int) -> list[dict]:

@@ -52,26 +52,37 @@ def _reply(nid, update, num_examples=50, **kw):
             "info": {}, **kw}
 
 
-def test_each_bad_update_is_rejected_and_global_unchanged(fresh, caplog):
+def _after_good_only(c, state, nid) -> dict:
+    """The global state the good reply of ``nid`` alone gives, from ``state``."""
+    c.load_state_dict(copy.deepcopy(state))
+    c.aggregate_round(c.plan_round().header(), [_reply(nid, _good(c))])
+    out = {k: v.clone() for k, v in c.global_state.items()}
+    c.load_state_dict(copy.deepcopy(state))
+    return out
+
+
+def test_each_bad_update_is_rejected_and_never_aggregated(fresh, caplog):
     c, state = fresh
     for reason, deltas in _bad_cases(c):
-        c.load_state_dict(copy.deepcopy(state))
-        before = {k: v.clone() for k, v in c.global_state.items()}
         plan = c.plan_round()
-        nid = next(iter(plan.sent))
+        bad, good = sorted(plan.sent)
+        want = _after_good_only(c, state, good)
+        plan = c.plan_round()
         with caplog.at_level(logging.WARNING, logger="fedlora.coordinator"):
-            record = c.aggregate_round(plan.header(), [_reply(nid, deltas)])
-        assert record.rejected == 1 and record.reported == 0, reason
+            record = c.aggregate_round(plan.header(), [_reply(bad, deltas), _reply(good, _good(c))])
+        assert record.rejected == 1 and record.reported == 1, reason
         assert reason in caplog.text
-        assert c.version == 0
-        assert all(torch.equal(before[k], c.global_state[k]) for k in before), reason
+        assert all(torch.equal(want[k], c.global_state[k]) for k in want), reason
+        c.load_state_dict(copy.deepcopy(state))
         caplog.clear()
 
 
 def test_zero_examples_rejected(coord):
     plan = coord.plan_round()
-    record = coord.aggregate_round(plan.header(), [_reply(next(iter(plan.sent)), _good(coord), num_examples=0)])
-    assert record.rejected == 1 and coord.version == 0
+    bad, good = sorted(plan.sent)
+    record = coord.aggregate_round(plan.header(), [_reply(bad, _good(coord), num_examples=0),
+                                                   _reply(good, _good(coord))])
+    assert record.rejected == 1 and record.reported == 1
 
 
 def test_error_reply_counts_as_failure_not_empty_aggregate(coord):
@@ -87,7 +98,20 @@ def test_error_reply_counts_as_failure_not_empty_aggregate(coord):
     assert coord.client_versions[plan.sent[n0].client_id] is None  # failed client gets a full payload next time
 
 
-def test_missing_replies_count_as_dropped(coord):
+def test_missing_replies_count_as_dropped_and_get_a_full_payload_next(coord):
     plan = coord.plan_round()
-    record = coord.aggregate_round(plan.header(), [])
-    assert record.dropped == len(plan.sent) == 2 and record.reported == 0 and coord.version == 0
+    answered, silent = sorted(plan.sent)
+    record = coord.aggregate_round(plan.header(), [_reply(answered, _good(coord))])
+    assert record.dropped == 1 and record.reported == 1
+    assert coord.client_versions[plan.sent[silent].client_id] is None
+
+
+def test_too_few_reports_stop_the_run_and_apply_nothing(coord):
+    from fedlora.coordinator.core import RoundFailed
+
+    before = {k: v.clone() for k, v in coord.global_state.items()}
+    plan = coord.plan_round()
+    with pytest.raises(RoundFailed, match=r"0 accepted report\(s\) < clients.min_reports=1.*fedlora resume"):
+        coord.aggregate_round(plan.header(), [{"node_id": n, "error": "0: crashed"} for n in plan.sent])
+    assert coord.version == 0 and coord.round == 0
+    assert all(torch.equal(before[k], coord.global_state[k]) for k in before)
