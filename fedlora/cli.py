@@ -3,6 +3,9 @@
     fedlora run [hydra overrides...] [-m]   run a federation (or a sweep with -m); --help lists the groups
     fedlora resume <run_dir>                 continue a run that stopped, from its last completed round
     fedlora ui [--port P] [--runs-root D]    the MLflow UI over the run store, on 127.0.0.1
+    fedlora serve [hydra overrides...]       a federation of real devices (Flower SuperLink, TLS, enrolled only)
+    fedlora enroll KEY.pub --name ID         admit a device (--list, --revoke ID)
+    fedlora client --server H:P --ca CA ...  on a device: join as an authenticated SuperNode (--init-key first)
 """
 
 from __future__ import annotations
@@ -14,6 +17,15 @@ from pathlib import Path
 
 from fedlora.config import CONFIG_DIR, FedConfig
 from fedlora.schema import ConfigError
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedlora")
+    except PackageNotFoundError:  # pragma: no cover - a source tree without install
+        return "unknown"
 
 
 def _fail(msg: str) -> None:
@@ -50,7 +62,7 @@ def _plain(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.create(d), resolve=True)
 
 
-def check_overrides(overrides: list[str], multirun: bool) -> list[FedConfig]:
+def check_overrides(overrides: list[str], multirun: bool, *, simulated: bool = True) -> list[FedConfig]:
     """Compose every job the command line describes (each sweep point with ``-m``) and validate it against its
     data, before Hydra creates any directory. Raises ``ConfigError`` (or Hydra's own error) on the first bad one."""
     from hydra import compose, initialize_config_dir
@@ -76,16 +88,22 @@ def check_overrides(overrides: list[str], multirun: bool) -> list[FedConfig]:
             composed = [h.config_loader.load_sweep_config(master, list(j)) for j in jobs]
     cfgs = [FedConfig.from_dict(_plain(c)) for c in composed]
     for cfg in cfgs:
-        prepare(cfg)
+        prepare(cfg, simulated=simulated)
+        if not simulated and cfg.privacy.enabled and cfg.privacy.noise != "csprng":
+            raise ConfigError("privacy.noise", "seeded-insecure noise is refused in deployment (the server would "
+                                               "know the devices' noise): use privacy.noise=csprng")
+    from fedlora.lifecycle import check_reachable, check_run_dir_free
+
     for o in overrides:  # a run directory the user names must not hold a run already (checked before Hydra
         if o.startswith("hydra.run.dir="):  # writes anything into it)
-            from fedlora.lifecycle import check_run_dir_free
-
             check_run_dir_free(Path(o.split("=", 1)[1]).resolve())
+    for cfg in {c.runtime for c in cfgs}:
+        if cfg.kind == "ray_cluster":
+            check_reachable(cfg.address, cfg.connect_timeout_s)
     return cfgs
 
 
-def _hydra_run(argv: list[str]) -> None:
+def _hydra_run(argv: list[str], *, serve: bool = False) -> None:
     import hydra
     from hydra._internal.utils import get_args_parser
     from hydra.core.hydra_config import HydraConfig
@@ -94,7 +112,9 @@ def _hydra_run(argv: list[str]) -> None:
     args = get_args_parser().parse_args(argv)
     if not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion):
         try:
-            check_overrides(args.overrides, args.multirun)
+            if serve and args.multirun:
+                _fail("fedlora serve runs one federation: no -m")
+            check_overrides(args.overrides, args.multirun, simulated=not serve)
         except ConfigError as e:
             _fail(f"invalid config: {e}")
         except Exception as e:  # noqa: BLE001 - Hydra's composition errors (unknown group, key, bad syntax)
@@ -117,11 +137,122 @@ def _hydra_run(argv: list[str]) -> None:
             from fedlora.coordinator.tracking import sweep_parent
 
             parent = sweep_parent(cfg, Path(hc.sweep.dir).resolve())
-        summary = run_federation(cfg, run_dir, parent_run_id=parent)
+        try:
+            if serve:
+                from fedlora.serve import serve_federation
+
+                summary = serve_federation(cfg, run_dir)
+            else:
+                summary = run_federation(cfg, run_dir, parent_run_id=parent)
+        except ConfigError as e:
+            _fail(f"invalid config: {e}")
         _report(summary, run_dir)
 
-    sys.argv = ["fedlora run", *argv]
+    sys.argv = ["fedlora serve" if serve else "fedlora run", *argv]
     main()
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a hard dependency
+    _HydraCallback = object
+
+
+class SweepEnd(_HydraCallback):
+    """Hydra callback (``hydra.callbacks.sweep_end`` in config.yaml): when a multirun ends, its MLflow parent run
+    gets the comparison table and figure and a final status."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from fedlora.coordinator.tracking import finish_sweep
+
+        try:
+            finish_sweep(FedConfig.from_dict(_plain(config)), Path(config.hydra.sweep.dir).resolve())
+        except Exception as e:  # noqa: BLE001 - the federations are done; say why the parent could not close
+            print(f"fedlora: could not close the sweep's MLflow parent run: {e}", file=sys.stderr)
+
+
+def _serve(argv: list[str]) -> None:
+    _hydra_run(argv, serve=True)
+
+
+def _enroll(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="fedlora enroll", description="admit a device to the federation `fedlora "
+                                "serve` hosts (its public key, under a name that becomes its client id)")
+    p.add_argument("public_key", nargs="?", type=Path, help="the device's key.pub (from fedlora client --init-key)")
+    p.add_argument("--name", help="the device's client id (letters, digits, _ . -)")
+    p.add_argument("--bits", type=int, default=32, help="its device class: storage/transfer bitwidth "
+                                                         "(32, 16, 8, 4, 2; default 32)")
+    p.add_argument("--list", action="store_true", help="list enrolled devices")
+    p.add_argument("--revoke", metavar="NAME", help="cut a device off (its key can never come back)")
+    p.add_argument("--runs-root", default="runs", help="the serve's runs_root (default: runs)")
+    p.add_argument("--state-dir", help="the serve's deploy.state_dir, if set")
+    a = p.parse_args(argv)
+    from fedlora import serve
+
+    state = Path(a.state_dir or Path(a.runs_root) / "deploy").resolve()
+    try:
+        if a.list:
+            for name, e in sorted(serve.list_enrolled(state).items()):
+                flag = "revoked" if e.get("revoked") else ("online" if e["online"] else "offline")
+                print(f"{name:<24} node {e['node_id']:<20} {e['bits']:>2}-bit  {flag}")
+            return
+        if a.revoke:
+            serve.revoke(state, a.revoke)
+            print(f"revoked {a.revoke}: it is cut off and cannot rejoin with that key")
+            return
+        if not a.public_key or not a.name:
+            _fail("give the device's public key file and --name (or --list / --revoke NAME)")
+        e = serve.enroll(state, a.public_key, a.name, a.bits)
+        print(f"enrolled {a.name} as node {e['node_id']} ({a.bits}-bit)")
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(str(e))
+    except RuntimeError as e:
+        _fail(f"the SuperLink refused: {e}")
+
+
+def _client(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="fedlora client", description="on a device: join a federation as an "
+                                "authenticated SuperNode (or --init-key: make this device's key pair)")
+    p.add_argument("--init-key", action="store_true", help="make the device's key pair and print the .pub to send "
+                                                           "to the coordinator's operator")
+    p.add_argument("--state-dir", type=Path, default=Path("fedlora-device"),
+                   help="the device's own state: key, ledger, held adapter, cache (default: ./fedlora-device)")
+    p.add_argument("--key", type=Path, help="private key (default: <state-dir>/node.key)")
+    p.add_argument("--server", help="the coordinator's Fleet API, host:port")
+    p.add_argument("--ca", type=Path, help="the CA certificate the coordinator's operator gave you")
+    p.add_argument("--data", type=Path, help="this device's data: csv/tsv/json/jsonl/parquet with text and label")
+    p.add_argument("--name", help="the name this device was enrolled under")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--retry-s", type=float, default=180.0, help="keep retrying a refused activation this long (a "
+                                                                "restart right after a crash is refused ~1 min)")
+    a = p.parse_args(argv)
+    from fedlora.env import apply_offline_env
+
+    apply_offline_env()
+    if a.init_key:
+        from fedlora.clients.device import init_key
+
+        pub = init_key(a.state_dir, a.key)
+        print(pub.read_text().strip())
+        print(f"public key: {pub} (send it to the coordinator's operator; keep {pub.with_suffix('')} private)",
+              file=sys.stderr)
+        return
+    missing = [f"--{k.replace('_', '-')}" for k in ("server", "ca", "data", "name") if not getattr(a, k)]
+    if missing:
+        _fail(f"missing {', '.join(missing)} (fedlora client --help)")
+    for path, flag in ((a.ca, "--ca"), (a.data, "--data")):
+        if not path.is_file():
+            _fail(f"{flag} {path}: no such file")
+    from fedlora.clients.device import run_device
+
+    try:
+        sys.exit(run_device(name=a.name, server=a.server, ca=a.ca, data=a.data, state_dir=a.state_dir, key=a.key,
+                            text_column=a.text_column, label_column=a.label_column, val_fraction=a.val_fraction,
+                            retry_s=a.retry_s))
+    except FileNotFoundError as e:
+        _fail(str(e))
 
 
 def _resume(argv: list[str]) -> None:
@@ -135,9 +266,9 @@ def _resume(argv: list[str]) -> None:
     run_dir = Path(a.run_dir).resolve()
     try:
         cfg = load_run_config(run_dir, a.overrides)
+        summary = run_federation(cfg, run_dir)
     except (FileNotFoundError, ConfigError) as e:
         _fail(str(e))
-    summary = run_federation(cfg, run_dir)
     _report(summary, run_dir)
 
 
@@ -150,6 +281,13 @@ def _ui(argv: list[str]) -> None:
     db = root / "mlflow.db"
     if not db.exists():
         _fail(f"no MLflow store at {db}: run a federation first (fedlora run) or pass --runs-root")
+    import socket
+
+    with socket.socket() as probe:  # mlflow server would start and exit 0 on a busy port: refuse first
+        try:
+            probe.bind(("127.0.0.1", a.port))
+        except OSError:
+            _fail(f"port {a.port} on 127.0.0.1 is in use: pass another one with --port")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     cmd = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(a.port), "--workers", "1",
@@ -159,7 +297,8 @@ def _ui(argv: list[str]) -> None:
     os.execvpe(cmd[0], cmd, env)
 
 
-COMMANDS = {"run": _hydra_run, "resume": _resume, "ui": _ui}
+COMMANDS = {"run": _hydra_run, "resume": _resume, "ui": _ui, "serve": _serve, "enroll": _enroll,
+            "client": _client}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,9 +306,19 @@ def main(argv: list[str] | None = None) -> None:
 
     apply_offline_env()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__)
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"fedlora {_version()}")
+        return
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: fedlora <command> [args...]\n\ncommands:\n" + __doc__.split("\n\n", 1)[1].rstrip()
+              + "\n\n`fedlora <command> --help` for each command's options; `fedlora --version`.")
+        sys.exit(0 if argv else 2)
+    if argv[0] not in COMMANDS:
+        import difflib
+
+        near = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        _fail(f"unknown command {argv[0]!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+              + f" (commands: {', '.join(COMMANDS)})")
     COMMANDS[argv[0]](argv[1:])
 
 
