@@ -34,9 +34,18 @@ def apply_offline_env() -> None:
         os.environ.setdefault(k, v)
 
 
+#: library lines that are expected, not news: Flower's run_simulation deprecation notice, and the warning every
+#: client actor prints when the simulation ends and terminates it
+DROPPED = ("DEPRECATED FEATURE", "Manually terminating")
+
+
 class _DropDeprecation(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in record.getMessage()
+        msg = record.getMessage()
+        return not any(d in msg for d in DROPPED)
+
+
+_DROP = _DropDeprecation()
 
 
 def quiet_logs() -> None:
@@ -47,5 +56,5 @@ def quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     flwr_log = logging.getLogger("flwr")
     for h in [*flwr_log.handlers, *logging.getLogger().handlers]:
-        h.addFilter(_DropDeprecation())
-    flwr_log.addFilter(_DropDeprecation())
+        h.addFilter(_DROP)  # one instance: calling this again adds nothing
+    flwr_log.addFilter(_DROP)

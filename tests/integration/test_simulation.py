@@ -40,7 +40,7 @@ def fed(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     overrides = [o for o in TINY if not o.startswith(("tracking=", "rounds=", "privacy="))]
     run_dir, crash_out = run_cli("run", *overrides, "rounds=3", "tracking=mlflow", f"runs_root={root}",
-                                 "strategy=ffa", "privacy=dp", "privacy.epsilon=50", ok=False,
+                                 "strategy=ffa", "privacy=dp", "privacy.epsilon=50", "model.pooling=mean", ok=False,
                                  env={"FEDLORA_FAILPOINTS": "coordinator.checkpointed@2=kill"})
     assert run_dir is not None, crash_out[-3000:]
     import torch
@@ -97,7 +97,7 @@ def test_summary_is_complete(fed):
 def test_mlflow_run_holds_round_metrics_and_adapter(fed):
     from mlflow.tracking import MlflowClient
 
-    _, _, s, _ = fed
+    run_dir, _, s, _ = fed
     client = MlflowClient(tracking_uri=s["mlflow"]["tracking_uri"])
     run = client.get_run(s["mlflow"]["run_id"])
     assert run.info.status == "FINISHED"
@@ -106,18 +106,30 @@ def test_mlflow_run_holds_round_metrics_and_adapter(fed):
                  "clients/rejected", "bytes/up", "bytes/down", "time/round_s", "client_loss/mean"):
         hist = client.get_metric_history(run.info.run_id, name)
         assert sorted(m.step for m in hist) == [1, 2, 3], name
+    import pandas as pd
+
+    table = client.download_artifacts(run.info.run_id, "clients.json", str(run_dir / "dl"))  # per-client series
+    rows = pd.read_json(table, orient="split")
     for cid, e in s["epsilon_per_client"].items():
-        hist = client.get_metric_history(run.info.run_id, f"client/{cid}/epsilon")
-        assert hist and max(m.value for m in hist) == pytest.approx(e)
+        assert rows[rows.client == cid].epsilon.max() == pytest.approx(e)
+    assert sorted(set(rows["round"])) == [1, 2, 3]
+    assert not any(k.startswith("client/") for k in run.data.metrics)  # no chart section per client
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the training-runs view
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"] == "fedlora run"
+    assert "strategy=ffa" in run.data.tags["fedlora.overrides"] and "strategy=ffa" in run.data.tags[
+        "mlflow.note.content"]
     assert len(client.get_metric_history(run.info.run_id, "epsilon/max")) == 3
     acc = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "global/accuracy")}
     assert acc[3] == pytest.approx(s["global_accuracy"])
+    assert "figures/rounds.png" in {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter_config.json" in arts and "adapter/adapter_model.safetensors" in arts
 
 
 def test_saved_adapter_reproduces_logged_accuracy(fed):
-    """The PEFT artifact, loaded the standard way on the base model, scores what the run logged."""
+    """The PEFT artifact (of a mean-pooling head, the default's), loaded the standard way on the base model, scores
+    what the run logged."""
     from peft import PeftModel
 
     from fedlora.lifecycle import load_run_config
@@ -153,4 +165,13 @@ def test_sweep_gives_one_mlflow_run_per_point_under_one_parent(tmp_path):
     client = MlflowClient(tracking_uri=summaries[0]["mlflow"]["tracking_uri"])
     parents = {client.get_run(s["mlflow"]["run_id"]).data.tags.get("mlflow.parentRunId") for s in summaries}
     assert len(parents) == 1 and None not in parents
-    assert client.get_run(parents.pop()).data.tags["fedlora.sweep_dir"].startswith(str(tmp_path))
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags["fedlora.sweep_dir"].startswith(str(tmp_path))
+    assert parent.info.status == "FINISHED"  # the multirun's end closes it, with a comparison across points
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "sweep_comparison.json" in arts
+    children = [client.get_run(s["mlflow"]["run_id"]) for s in summaries]
+    assert sorted(c.info.run_name.split(" ", 1)[1].count("strategy=") for c in children) == [1, 1]  # named by point
+    # no DP in these runs: no ε anywhere (never a 0.0 that nobody computed)
+    assert all(s["epsilon_max"] is None and not s["epsilon_per_client"] for s in summaries)
+    assert all("epsilon/max" not in c.data.metrics for c in children)
