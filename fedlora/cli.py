@@ -273,27 +273,38 @@ def _resume(argv: list[str]) -> None:
 
 
 def _ui(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="fedlora ui", description="MLflow UI over the local run store (127.0.0.1)")
+    p = argparse.ArgumentParser(prog="fedlora ui", description="the MLflow UI over a run store (default: the local "
+                                                                "one under --runs-root, on 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--runs-root", default="runs", help="the runs_root of your federations (default: runs)")
+    p.add_argument("--tracking-uri", help="the tracking.uri your runs used, if not the local store (a sqlite:/// "
+                                          "file, a database URI, or a folder)")
     a = p.parse_args(argv)
     root = Path(a.runs_root).resolve()
-    db = root / "mlflow.db"
-    if not db.exists():
-        _fail(f"no MLflow store at {db}: run a federation first (fedlora run) or pass --runs-root")
+    store, artifacts = a.tracking_uri, None
+    if store is None:
+        db = root / "mlflow.db"
+        if not db.exists():
+            _fail(f"no MLflow store at {db}: run a federation first (fedlora run), or pass --runs-root or "
+                  "--tracking-uri")
+        store, artifacts = f"sqlite:///{db}", root / "mlartifacts"
+    elif store.startswith("http"):
+        _fail(f"--tracking-uri {store} is an MLflow server already: open it in the browser")
     import socket
 
     with socket.socket() as probe:  # mlflow server would start and exit 0 on a busy port: refuse first
         try:
-            probe.bind(("127.0.0.1", a.port))
-        except OSError:
-            _fail(f"port {a.port} on 127.0.0.1 is in use: pass another one with --port")
+            probe.bind((a.host, a.port))
+        except OSError as e:
+            _fail(f"port {a.port} on {a.host} is in use or not available ({e.strerror}): pass another one with "
+                  "--port")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(a.port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(root / "mlartifacts"),
-    ]
-    print(f"MLflow UI on http://127.0.0.1:{a.port} (store {db}); Ctrl-C stops it", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", a.host, "--port", str(a.port), "--workers", "1",
+           "--backend-store-uri", store]
+    if artifacts is not None:
+        cmd += ["--artifacts-destination", str(artifacts)]
+    print(f"MLflow UI on http://{a.host}:{a.port} (store {store}); Ctrl-C stops it", flush=True)
     os.execvpe(cmd[0], cmd, env)
 
 

@@ -93,3 +93,14 @@ def test_a_checkpoint_refuses_a_config_that_differs_from_its_own(tmp_path):
     with pytest.raises(ConfigError) as e:
         check_resumable(stored, config("privacy=dp", "privacy.epsilon=80").to_dict(), tmp_path)
     assert e.value.key == "privacy.epsilon"
+
+
+def test_version_help_and_an_unknown_command():
+    cli = fedlora
+    v = cli("--version")
+    assert v.returncode == 0 and v.stdout.strip().startswith("fedlora ") and v.stdout.split()[1][0].isdigit()
+    h = cli("--help")
+    assert h.returncode == 0 and "usage: fedlora <command>" in h.stdout and "fedlora serve" in h.stdout
+    bad = cli("rn")
+    assert bad.returncode == 2 and "unknown command 'rn'" in bad.stderr and "did you mean 'run'" in bad.stderr
+    assert cli().returncode == 2
