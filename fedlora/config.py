@@ -22,7 +22,7 @@ from fedlora.aggregation.quant import BITWIDTHS, check_bits
 from fedlora.privacy.calibrate import DPSettings, check_dp_settings
 from fedlora.schema import ConfigError, Group, boolean, choice, doc, number
 from fedlora.task.data import DataSpec
-from fedlora.task.model import ModelSpec
+from fedlora.task.model import ModelSpec, check_device_name
 from fedlora.task.train import OPTIMIZERS
 
 #: the Hydra config tree, shipped inside the package so an installed fedlora finds it
@@ -98,6 +98,10 @@ class ClientsConfig(Group):
                                     "holds (DP-SGD's Poisson rate; 1.0 = full batch), the same q for every "
                                     "client; null: q = batch_size / n_k", default=None)
     cpus: float = doc("CPUs per simulated client actor", default=1)
+    gpus: float = doc("GPUs per simulated client actor (Flower's client_resources: 0.25 puts four clients on one "
+                      "GPU); 0: clients train on CPU", default=0.0)
+    device: str = doc("where clients train and evaluate: auto (CUDA when the client holds a GPU: clients.gpus > 0 "
+                      "in simulation, a visible GPU on a real device), cpu, cuda or cuda:N", default="auto")
     bitwidths: dict[int, float] | None = doc(f"fleet mix {{bits: fraction}} over {list(BITWIDTHS)}, fractions "
                                              "summing to 1, e.g. '{32: 0.5, 4: 0.5}'; null: every client 32-bit",
                                              default=None)
@@ -121,6 +125,11 @@ class ClientsConfig(Group):
                               "set exactly one of clients.batch_size and clients.sample_rate (the other null), "
                               f"got batch_size={self.batch_size}, sample_rate={self.sample_rate}")
         number(self.key("cpus"), self.cpus, gt=0)
+        number(self.key("gpus"), self.gpus, ge=0)
+        check_device_name(self.key("device"), self.device)
+        if self.gpus > 0 and self.device == "cpu":
+            raise ConfigError(self.key("gpus"), f"got {self.gpus:g} with clients.device=cpu: the GPUs would be "
+                                                "reserved and never used; set clients.device=auto or clients.gpus=0")
         number(self.key("max_update_norm"), self.max_update_norm, gt=0)
         choice(self.key("bitwidth_method"), self.bitwidth_method, BITWIDTH_METHODS)
         object.__setattr__(self, "bitwidths", _fleet_mix(self.bitwidths))
@@ -173,6 +182,8 @@ class RuntimeConfig(Group):
                                    "and answer the handshake", default=120.0)
     cache_dir: str | None = doc("where simulated clients and the server keep frozen-prefix activations; null: "
                                 "<runs_root>/cache (shared by the runs under it)", default=None)
+    device: str = doc("where the coordinator evaluates the global model: auto (CUDA when its process sees one), "
+                      "cpu, cuda or cuda:N", default="auto")
 
     def __post_init__(self) -> None:
         choice(self.key("kind"), self.kind, RUNTIMES)
@@ -184,6 +195,7 @@ class RuntimeConfig(Group):
         number(self.key("memory_mb"), self.memory_mb, gt=0, integer=True, optional=True)
         number(self.key("torch_threads"), self.torch_threads, ge=1, integer=True)
         number(self.key("connect_timeout_s"), self.connect_timeout_s, gt=0)
+        check_device_name(self.key("device"), self.device)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ class ClientSpec:
     seed: int
     labels: tuple[str, ...]
     sample_rate: float | None = None
+    device: str = "auto"
+    gpus: float = 0.0
 
     @property
     def num_labels(self) -> int:
@@ -62,6 +64,7 @@ class ClientSpec:
             "strategy": self.strategy.to_dict(), "model": self.model.to_dict(), "privacy": self.privacy.to_dict(),
             "local_steps": self.local_steps, "batch_size": self.batch_size, "torch_threads": self.torch_threads,
             "rounds": self.rounds, "seed": self.seed, "labels": list(self.labels), "sample_rate": self.sample_rate,
+            "device": self.device, "gpus": self.gpus,
         }, sort_keys=True)
 
     @classmethod
@@ -73,6 +76,7 @@ class ClientSpec:
             torch_threads=int(d["torch_threads"]), rounds=int(d["rounds"]), seed=int(d["seed"]),
             labels=tuple(str(x) for x in d["labels"]),
             sample_rate=None if d.get("sample_rate") is None else float(d["sample_rate"]),
+            device=str(d.get("device", "auto")), gpus=float(d.get("gpus", 0.0)),
         )
 
 
@@ -81,4 +85,5 @@ def client_spec(cfg: FedConfig, labels: list[str]) -> ClientSpec:
         strategy=cfg.strategy, model=cfg.model, privacy=cfg.privacy, local_steps=cfg.clients.local_steps,
         batch_size=cfg.clients.batch_size, torch_threads=cfg.runtime.torch_threads, rounds=cfg.rounds,
         seed=cfg.seed, labels=tuple(labels), sample_rate=cfg.clients.sample_rate,
+        device=cfg.clients.device, gpus=cfg.clients.gpus,
     )

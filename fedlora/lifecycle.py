@@ -17,12 +17,13 @@ from fedlora.clients.app import actor_pid_files
 from fedlora.clients.site import SimulatedSite
 from fedlora.clients.state import ClientStore
 from fedlora.config import FedConfig, check_client_sizes
-from fedlora.coordinator.core import CHECKPOINT, Coordinator, check_resumable, read_checkpoint
+from fedlora.coordinator.core import CHECKPOINT, COORDINATOR_NODE, Coordinator, check_resumable, read_checkpoint
 from fedlora.coordinator.observers import ConsoleObserver
 from fedlora.coordinator.records import Downlink
 from fedlora.coordinator.rounds import run_rounds
 from fedlora.env import OFFLINE_ENV, apply_offline_env, quiet_logs
 from fedlora.federation import ClientSpec
+from fedlora.runs import DRIVER_PID
 from fedlora.schema import ConfigError
 from fedlora.task.data import label_names, partition_sizes
 from fedlora.task.model import check_model_source
@@ -71,7 +72,24 @@ def prepare(cfg: FedConfig, *, simulated: bool = True) -> list[str]:
                                                "least two")
     if simulated:
         check_client_sizes(cfg, partition_sizes(cfg.data, cfg.clients.num, cfg.seed))
+        check_devices(cfg)
     return labels
+
+
+def check_devices(cfg: FedConfig) -> None:
+    """On the embedded runtime this machine is the cluster: a device setting or a GPU request it cannot meet
+    fails now, naming the key, instead of leaving actors waiting forever for a GPU Ray does not have."""
+    import torch
+
+    from fedlora.task.model import resolve_device
+
+    if cfg.runtime.kind != "local":
+        return  # the cluster's nodes, not this one, hold the GPUs: Ray places the actors that asked for them
+    resolve_device(cfg.runtime.device, key="runtime.device")
+    resolve_device(cfg.clients.device, key="clients.device", gpu_held=cfg.clients.gpus > 0)
+    if cfg.clients.gpus > 0 and not torch.cuda.is_available():
+        raise ConfigError("clients.gpus", f"got {cfg.clients.gpus:g} but this machine has no CUDA GPU "
+                                          "(torch.cuda.is_available() is False): set clients.gpus=0")
 
 
 INSECURE_NOISE_WARNING = ("WARNING: privacy.noise=seeded-insecure: DP noise and sampling are derived from the run's "
@@ -85,10 +103,20 @@ def _announce(cfg: FedConfig, echo) -> None:
         echo(INSECURE_NOISE_WARNING)
 
 
-def simulated_site(cfg: FedConfig, run_dir: Path) -> SimulatedSite:
+def simulated_site(cfg: FedConfig, run_dir: Path, shared_token: str | None = None) -> SimulatedSite:
     return SimulatedSite(data=cfg.data, seed=cfg.seed, num_clients=cfg.clients.num,
                          state_root=str(run_dir / "clients"), cache_dir=str(activation_cache_dir(cfg)),
-                         faults=cfg.faults if cfg.faults.active else None)
+                         faults=cfg.faults if cfg.faults.active else None, shared_token=shared_token)
+
+
+def write_shared_token(state_root: Path) -> str:
+    """A fresh file under the clients' state folder; a node whose clients cannot see it has no shared storage."""
+    import uuid
+
+    name = f".shared-{uuid.uuid4().hex}"
+    state_root.mkdir(parents=True, exist_ok=True)
+    (state_root / name).write_text(str(os.getpid()))
+    return name
 
 
 def activation_cache_dir(cfg: FedConfig) -> Path:
@@ -213,12 +241,17 @@ def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id:
     _announce(cfg, echo)
     _write_config(cfg, run_dir)
 
+    driver = run_dir / DRIVER_PID  # `fedlora ls` shows the run as running while this process lives
+    driver.write_text(str(os.getpid()))
+    console = ConsoleObserver(rounds=cfg.rounds, privacy=cfg.privacy.enabled, echo=echo)
     _ray_init(cfg)
-    actor_cls = ray.remote(num_cpus=0, max_restarts=0)(Coordinator)
-    coord = actor_cls.options(name=f"coordinator-{run_dir.name}", namespace="fedlora").remote(
+    cpus = ray.cluster_resources().get("CPU", 0)
+    where = "local" if cfg.runtime.kind == "local" else f"attached to {cfg.runtime.address}"
+    console.on_start(f"Ray ready ({where}, {len(ray.nodes())} node(s), {cpus:g} CPUs); building the model and "
+                     "the clients")
+    coord = place_coordinator(ray, f"coordinator-{run_dir.name}").remote(
         cfg, labels, str(run_dir), parent_run_id, **_coordinator_args(cfg, run_dir))
     outcome: dict = {}
-    console = ConsoleObserver(rounds=cfg.rounds, privacy=cfg.privacy.enabled, echo=echo)
     done = threading.Event()
     server_app = make_server_app(coord, num_nodes=cfg.clients.num, timeout_s=cfg.round_timeout_s,
                                  connect_timeout_s=cfg.runtime.connect_timeout_s, outcome=outcome,
@@ -226,9 +259,10 @@ def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id:
                                  on_abandon=functools.partial(release_actors, run_dir / "clients"))
     # Ray restarts a client actor that dies (its in-flight message fails: that client's contribution, not the
     # round); Flower passes client_resources on to the actor's options.
-    backend_config = {"client_resources": {"num_cpus": float(cfg.clients.cpus), "num_gpus": 0.0,
+    backend_config = {"client_resources": {"num_cpus": float(cfg.clients.cpus), "num_gpus": float(cfg.clients.gpus),
                                            "max_restarts": -1, "max_task_retries": 0}, "init_args": {}}
-    site = simulated_site(cfg, run_dir)
+    site = simulated_site(cfg, run_dir, write_shared_token(run_dir / "clients"))
+    placement = cluster_placement(ray)
     watchdog = threading.Thread(target=_release_hung_actors, args=(done, Path(site.state_root)), daemon=True)
     watchdog.start()
     try:
@@ -243,11 +277,49 @@ def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id:
         done.set()
         if ray.is_initialized():
             ray.shutdown()
+        report_placement(placement, run_dir, echo)
+        driver.unlink(missing_ok=True)
     if "error" in outcome:
         raise RuntimeError(f"federation failed: {outcome['error']}") from outcome["error"]
     if "summary" not in outcome:
         raise RuntimeError(f"federation ended without a result; see the log above and {run_dir}")
     return outcome["summary"]
+
+
+PLACEMENT = "placement.json"
+
+
+def place_coordinator(ray, name: str, namespace: str = "fedlora"):
+    """The coordinator actor, pinned to the driver's node: it writes the run directory (checkpoints, summary,
+    adapter) that the driver and the user read there, and it shares the driver's fate anyway — the driver runs
+    Flower's round loop, so a dead driver ends the federation and ``fedlora resume`` restarts both from the
+    checkpoint. (A detached coordinator outliving its driver would only hold state nobody drives.)"""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ray.remote(num_cpus=0, max_restarts=0)(Coordinator).options(
+        name=name, namespace=namespace, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False))
+
+
+def cluster_placement(ray) -> dict:
+    """The cluster's nodes and the driver's (asked before the simulation, which ends Ray)."""
+    return {"driver_node": ray.get_runtime_context().get_node_id(),
+            "cluster_nodes": {n["NodeID"]: n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}}
+
+
+def report_placement(placement: dict, run_dir: Path, echo) -> None:
+    """Where the run's processes ran (``placement.json``): the coordinator's node and the client actors' nodes."""
+    from fedlora.clients.app import actor_nodes
+
+    clients = actor_nodes(run_dir / "clients")
+    nodes = placement["cluster_nodes"]
+    node_file = run_dir / COORDINATOR_NODE
+    report = {**placement, "client_actor_nodes": clients,
+              "coordinator_node": node_file.read_text().strip() if node_file.exists() else None}
+    (run_dir / PLACEMENT).write_text(json.dumps(report, indent=2, sort_keys=True))
+    if len(nodes) > 1:
+        echo(f"placement: coordinator on the driver's node; client actors on {len(clients)} of {len(nodes)} Ray "
+             f"nodes ({', '.join(f'{n[:8]}: {k}' for n, k in sorted(clients.items()))}); see {PLACEMENT}")
 
 
 def release_actors(state_root: Path, client_ids: set[str] | None = None) -> list[int]:

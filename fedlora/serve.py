@@ -150,11 +150,17 @@ def serve_federation(cfg: FedConfig, run_dir: Path, *, echo=print) -> dict:
     """Run one federation of enrolled devices; returns its summary (as ``fedlora run``'s)."""
     import ray
 
-    from fedlora.coordinator.core import Coordinator
     from fedlora.coordinator.observers import ConsoleObserver
     from fedlora.coordinator.records import RoundRecord
     from fedlora.fleet_proxy import FleetProxy
-    from fedlora.lifecycle import _announce, _ray_init, _write_config, activation_cache_dir, prepare
+    from fedlora.lifecycle import (
+        _announce,
+        _ray_init,
+        _write_config,
+        activation_cache_dir,
+        place_coordinator,
+        prepare,
+    )
 
     if cfg.privacy.enabled and cfg.privacy.noise != "csprng":
         raise ConfigError("privacy.noise", "seeded-insecure noise is refused in deployment: the server would know "
@@ -169,7 +175,7 @@ def serve_federation(cfg: FedConfig, run_dir: Path, *, echo=print) -> dict:
     _write_config(cfg, run_dir)
     _ray_init(cfg)
     name = f"coordinator-{run_dir.name}"
-    coord = ray.remote(num_cpus=0, max_restarts=0)(Coordinator).options(name=name, namespace=NAMESPACE).remote(
+    coord = place_coordinator(ray, name, namespace=NAMESPACE).remote(
         cfg, labels, str(run_dir), None, cache_dir=str(activation_cache_dir(cfg)))
     ray.get(coord.spec.remote())  # built (model, test split) before devices are asked anything
     link_port = _free_port()

@@ -54,8 +54,29 @@ def actor_pid_files(state_root: Path) -> list[Path]:
 
 def _busy(state_root: Path, client_id: str) -> None:
     marker = state_root / ".actors" / str(os.getpid())
+    if not marker.exists():
+        _register_node(state_root)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(client_id)
+
+
+def _register_node(state_root: Path) -> None:
+    """Record which Ray node this actor process runs on (``.nodes/<pid>``: the run's placement report)."""
+    import ray
+
+    if ray.is_initialized():
+        f = state_root / ".nodes" / str(os.getpid())
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(ray.get_runtime_context().get_node_id())
+
+
+def actor_nodes(state_root: Path) -> dict[str, int]:
+    """Ray node id -> how many client actor processes ran there."""
+    out: dict[str, int] = {}
+    for f in sorted((state_root / ".nodes").glob("[0-9]*")):
+        node = f.read_text().strip()
+        out[node] = out.get(node, 0) + 1
+    return out
 
 
 def make_client_app(site: SimulatedSite) -> ClientApp:
@@ -64,6 +85,7 @@ def make_client_app(site: SimulatedSite) -> ClientApp:
 
     def setup(msg: Message, context: Context):
         quiet_logs()  # in the actor process (the app is unpickled there): its end-of-run termination warning
+        site.check_shared()  # before any client state is read or created
         spec_d, meta, payload = wire.read_request(msg.content)
         spec = ClientSpec.from_dict(spec_d)
         index = int(context.node_config["partition-id"])
@@ -83,6 +105,7 @@ def make_client_app(site: SimulatedSite) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if site.faults is not None:  # before the client's model and data load: a fault costs no start-up
+            site.check_shared()
             cid = site.client_id(int(context.node_config["partition-id"]))
             _busy(Path(site.state_root), cid)
             inject(site.faults, int(wire.read_request(msg.content)[1]["round"]), cid, Path(site.state_root))

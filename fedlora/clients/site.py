@@ -5,6 +5,8 @@ directory); it never travels in a message, so no client learns the partitioning 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 from fedlora.config import FaultsConfig
 from fedlora.task.data import DataSpec, client_split
@@ -23,9 +25,23 @@ class SimulatedSite:
     state_root: str
     cache_dir: str | None = None  # the frozen-prefix activation cache (shared by the simulated clients)
     faults: FaultsConfig | None = None  # injected client faults (tests and chaos runs)
+    #: a file the launching process wrote under state_root: a Ray node that cannot see it does not share the
+    #: run's storage, and its clients refuse to touch state (a fresh local ledger would forget spent privacy)
+    shared_token: str | None = None
+    #: a simulated client holds a GPU only when its actor reserved one (clients.gpus > 0)
+    simulated: ClassVar[bool] = True
 
     def client_id(self, index: int) -> str:
         return CLIENT_ID_FMT.format(index)
+
+    def check_shared(self) -> None:
+        """Fail closed on a node that does not see the run's state folder (a Ray cluster without shared storage)."""
+        if self.shared_token is not None and not (Path(self.state_root) / self.shared_token).exists():
+            import socket
+
+            raise RuntimeError(f"host {socket.gethostname()} does not see the run's client state folder "
+                               f"{self.state_root}: on a Ray cluster the runs root (runs_root) must be storage every "
+                               "node mounts (NFS, a shared volume); this client refuses to train without its ledger")
 
     def records(self, index: int, labels: tuple[str, ...] = ()) -> tuple[list[dict], list[dict]]:
         """Client ``index``'s (train, validation) records as {"text", "label"} dicts (label ids)."""
@@ -48,6 +64,7 @@ class DeviceSite:
     val_fraction: float = 0.1
     seed: int = 0
     cache_dir: str | None = None
+    simulated: ClassVar[bool] = False  # a real device: its own GPU, when it has one, is its to use
 
     def client_id(self, index: int) -> str:
         return self.client

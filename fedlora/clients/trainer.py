@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlora.privacy.dp import DPPlan, PrivateTrainer, poisson_batches, trainable
+from fedlora.task.model import model_device, to_device
 from fedlora.task.train import make_collate, make_optimizer
 
 
@@ -49,7 +50,12 @@ def train_local(
     if not params:
         raise ValueError("train_local: the model has no trainable parameter (call set_trainable first)")
     opt = make_optimizer(optimizer, params, lr)
-    collate = make_collate(pad_id)
+    device = model_device(model)
+    batches = make_collate(pad_id)
+
+    def collate(records: list[dict]) -> dict[str, torch.Tensor]:  # records stay on CPU; each batch moves once
+        return to_device(batches(records), device)
+
     losses: list[float] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -48,14 +48,22 @@ class ClientContext:
 _CACHE: dict[str, Any] = {}
 
 
-def _model_entry(spec: ClientSpec):
+def client_device(spec: ClientSpec, site):
+    """Where this client trains: ``clients.device``; ``auto`` is CUDA only for a client that holds a GPU (a
+    simulated one whose actor reserved ``clients.gpus``, or a real device with a visible GPU)."""
+    from fedlora.task.model import resolve_device
+
+    return resolve_device(spec.device, key="clients.device", gpu_held=spec.gpus > 0 or not site.simulated)
+
+
+def _model_entry(spec: ClientSpec, device):
     """(model, tokenizer, seeded initial adapter) for this model spec, built once per process."""
     from fedlora.task.model import adapter_state, build_model, configure_threads, load_tokenizer
 
-    key = f"model:{spec.model!r}:{spec.num_labels}:{spec.seed}"
+    key = f"model:{spec.model!r}:{spec.num_labels}:{spec.seed}:{device}"
     if key not in _CACHE:
         configure_threads(spec.torch_threads)
-        model = build_model(spec.model, num_labels=spec.num_labels, seed=spec.seed)
+        model = build_model(spec.model, num_labels=spec.num_labels, seed=spec.seed, device=device)
         tok = load_tokenizer(spec.model)
         _CACHE.clear()  # one model per process: a new federation spec replaces the old one
         _CACHE[key] = (model, tok, adapter_state(model))
@@ -78,7 +86,7 @@ def context(spec: ClientSpec, site, index: int, client_id: str | None = None) ->
     """The client ``index`` of ``site`` (its records tokenised once per process) ready for ``spec``."""
     from fedlora.task.data import tokenize
 
-    model, tok, init = _model_entry(spec)
+    model, tok, init = _model_entry(spec, client_device(spec, site))
     pad_id = tok.pad_token_id or 0
     strategy = spec.strategy.create()
     start = cache_start(spec.model, model, trains_lora=strategy.trains_lora)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fedlora.atomic_io import atomic_torch_save
-from fedlora.task.model import classify
+from fedlora.task.model import classify, model_device
 
 _MEMORY: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
 
@@ -116,6 +116,7 @@ def cached_records(model, start: int, records: list[dict], *, cache_dir: str | o
     digest = prefix_digest(model, start)
     h = hashlib.blake2b(digest_size=16)
     h.update(digest.encode())
+    h.update(model_device(model).type.encode())  # CUDA kernels round differently: entries are per device type
     for r in records:
         h.update(len(r["input_ids"]).to_bytes(4, "little"))
         h.update(torch.as_tensor(r["input_ids"], dtype=torch.int64).numpy().tobytes())
@@ -136,6 +137,7 @@ def cached_records(model, start: int, records: list[dict], *, cache_dir: str | o
 
 def _compute(model, start: int, records: list[dict], *, pad_id: int, batch_size: int) -> list[torch.Tensor]:
     was_training = model.training
+    device = model_device(model)
     model.eval()
     out: list[torch.Tensor | None] = [None] * len(records)
     order = sorted(range(len(records)), key=lambda i: len(records[i]["input_ids"]))
@@ -149,9 +151,9 @@ def _compute(model, start: int, records: list[dict], *, pad_id: int, batch_size:
                 k = len(records[j]["input_ids"])
                 ids[row, :k] = torch.as_tensor(records[j]["input_ids"])
                 mask[row, :k] = 1
-            hidden = run_prefix(model, start, ids, mask)
+            hidden = run_prefix(model, start, ids.to(device), mask.to(device)).to("cpu")
             for row, j in enumerate(idx):
-                out[j] = hidden[row, : len(records[j]["input_ids"])].clone()
+                out[j] = hidden[row, : len(records[j]["input_ids"])].clone()  # records stay on CPU
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -69,6 +70,44 @@ class ModelSpec(Group):
     def frozen_prefix(self) -> int:
         """How many bottom transformer layers carry no LoRA (and can be cached): min(lora_layers), 0 for all."""
         return min(self.lora_layers) if self.lora_layers is not None else 0
+
+
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device_name(key: str, name: object) -> str:
+    """A device setting is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (checked at config time, before any torch)."""
+    if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
+        raise ConfigError(key, f"got {name!r}; expected auto, cpu, cuda or cuda:N")
+    return name
+
+
+def resolve_device(name: str, *, key: str, gpu_held: bool = True) -> torch.device:
+    """The torch device a setting names. ``auto``: CUDA when ``gpu_held`` (this process was given a GPU) and
+    torch sees one, else CPU. An explicit ``cuda`` where torch sees no GPU is a ``ConfigError`` naming ``key``."""
+    check_device_name(key, name)
+    if name == "auto":
+        return torch.device("cuda" if gpu_held and torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(key, f"{name}: torch sees no CUDA GPU in this process; use {key}=auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(key, f"{name}: this process sees {count} GPU(s), cuda:0..cuda:{count - 1}")
+    return device
+
+
+def model_device(model) -> torch.device:
+    """Where a model's parameters live (batches go there)."""
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch on ``device`` (a no-op on CPU; pinned-free, non-blocking copies on CUDA)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def resolve_path(name_or_path: str) -> str:
@@ -217,8 +256,9 @@ def lora_config(spec: ModelSpec):
     )
 
 
-def build_model(spec: ModelSpec, *, num_labels: int, seed: int):
-    """Base model + LoRA (PEFT init, seeded), every parameter frozen; call ``set_trainable`` next."""
+def build_model(spec: ModelSpec, *, num_labels: int, seed: int, device: torch.device | None = None):
+    """Base model + LoRA (PEFT init, seeded, on CPU so every device starts from the same bits), every parameter
+    frozen, then moved to ``device``; call ``set_trainable`` next."""
     from peft import get_peft_model
 
     base = load_base_model(spec, num_labels=num_labels, seed=seed)
@@ -234,6 +274,8 @@ def build_model(spec: ModelSpec, *, num_labels: int, seed: int):
     model = get_peft_model(base, lora_config(spec))
     for p in model.parameters():
         p.requires_grad_(False)
+    if device is not None and device.type != "cpu":
+        model.to(device)
     return model
 
 
@@ -261,10 +303,11 @@ def adapter_params(model) -> dict[str, torch.nn.Parameter]:
 
 
 def adapter_state(model) -> Tensors:
-    """A detached copy of the adapter state (LoRA factors + head), keyed as PEFT saves it."""
+    """A detached CPU copy of the adapter state (LoRA factors + head), keyed as PEFT saves it: what travels,
+    aggregates and is checkpointed, wherever the model trains."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_adapter_state(model, tensors: Tensors) -> None:
@@ -277,7 +320,7 @@ def load_adapter_state(model, tensors: Tensors) -> None:
         for k, v in tensors.items():
             if params[k].shape != v.shape:
                 raise ValueError(f"{k}: shape {tuple(v.shape)} does not match the model's {tuple(params[k].shape)}")
-            params[k].copy_(v.to(params[k].dtype))
+            params[k].copy_(v.to(params[k].dtype))  # copy_ also moves it to the parameter's device
 
 
 def set_trainable(model, trains_key) -> list[str]:

@@ -59,12 +59,15 @@ def evaluate(model, examples: list[dict], *, batch_size: int = 128, pad_id: int 
 
     Batches are cut from the examples sorted by length, so each is padded only to its own longest record
     (far fewer pad tokens than random batches on short-sentence corpora); the result is order-independent."""
+    from fedlora.task.model import model_device, to_device
+
     collate = make_collate(pad_id)
+    device = model_device(model)
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: record_length(examples[i]))
     correct, loss_sum = 0, 0.0
     for i in range(0, len(order), batch_size):
-        b = collate([examples[j] for j in order[i : i + batch_size]])
+        b = to_device(collate([examples[j] for j in order[i : i + batch_size]]), device)
         labels = b.pop("labels")
         logits = model(**b).logits
         loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
