@@ -25,6 +25,7 @@ import torch
 from fedlora.aggregation.base import ClientUpdate, Tensors
 from fedlora.aggregation.quant import encode_tensors, fake_quantize, payload_bytes
 from fedlora.config import FedConfig
+from fedlora.coordinator.mlmodel import make_portable, model_card
 from fedlora.coordinator.observers import CheckpointObserver, RoundObserver, SummaryObserver
 from fedlora.coordinator.records import ClientRow, Downlink, RoundPlan, RoundRecord, Sent
 from fedlora.coordinator.tracking import make_tracker
@@ -33,7 +34,7 @@ from fedlora.env import quiet_logs
 from fedlora.federation import client_spec, fleet_bits, server_strategy
 from fedlora.task.cache import CachedSuffix, cache_start, cached_records
 from fedlora.task.data import global_split, tokenize
-from fedlora.task.model import adapter_state, build_model, load_adapter_state, load_tokenizer
+from fedlora.task.model import adapter_state, build_model, load_adapter_state, load_tokenizer, resolve_device
 from fedlora.task.train import evaluate
 
 log = logging.getLogger("fedlora.coordinator")
@@ -98,6 +99,17 @@ class RoundFailed(RuntimeError):
     """A round ended with fewer accepted reports than clients.min_reports: the run stops (resumable)."""
 
 
+#: the Ray node the coordinator runs on, written at its start (the run's placement report reads it)
+COORDINATOR_NODE = ".coordinator-node"
+
+
+def _record_node(run_dir: Path) -> None:
+    import ray
+
+    if ray.is_initialized():
+        (run_dir / COORDINATOR_NODE).write_text(ray.get_runtime_context().get_node_id())
+
+
 class Coordinator:
     def __init__(self, cfg: FedConfig, labels: list[str], run_dir: str, parent_run_id: str | None = None, *,
                  personal_states: Callable[[str], Tensors | None] | None = None,
@@ -110,13 +122,16 @@ class Coordinator:
         self.labels = list(labels)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        _record_node(self.run_dir)
         torch.set_num_threads(int(cfg.runtime.num_cpus or 2))
         self.strategy = server_strategy(cfg)
         self.fleet = fleet_bits(cfg)
-        self.model = build_model(cfg.model, num_labels=len(labels), seed=cfg.seed)
+        self.device = resolve_device(cfg.runtime.device, key="runtime.device")
+        self.model = build_model(cfg.model, num_labels=len(labels), seed=cfg.seed, device=self.device)
         tok = load_tokenizer(cfg.model)
         self.pad_id = tok.pad_token_id or 0
-        _, test = global_split(cfg.data, cfg.seed)
+        pool, test = global_split(cfg.data, cfg.seed)
+        self.examples = [str(t) for t in test["text"][:3]]  # the logged model's input example (server data)
         self.test = tokenize(list(test), tok, cfg.model.max_length)
         self.runner = self.model
         start = cache_start(cfg.model, self.model, trains_lora=self.strategy.trains_lora)
@@ -148,6 +163,8 @@ class Coordinator:
             log.info("resumed from %s after round %d", ckpt, self.round)
         self.tracker = make_tracker(cfg, self.run_dir, run_id, parent_run_id)
         self.tracker.backfill([RoundRecord.from_dict(h) for h in self.history])
+        if run_id is None:  # a new run: its inputs (the pool only in simulation: deployed clients keep theirs)
+            self.tracker.log_datasets(cfg.data, test=test, pool=pool if personal_states is not None else None)
         self.nodes: dict[int, dict] = {}
         self.personal_states = personal_states
         self.observers: list[RoundObserver] = [
@@ -487,8 +504,12 @@ class Coordinator:
         """Export the final adapter (PEFT format), the privacy report; close the MLflow run."""
         if self.round > 0 and status == "FINISHED":
             load_adapter_state(self.model, {**self.init_adapter, **self.global_state})
-            self.model.save_pretrained(str(self.run_dir / "adapter"))
-            self.tracker.log_artifact(self.run_dir / "adapter", "adapter")
+            adapter = self.run_dir / "adapter"
+            self.model.save_pretrained(str(adapter))
+            make_portable(adapter, self.cfg.model.name_or_path)
+            (adapter / "README.md").write_text(model_card(self.summary(), self.cfg.to_dict(), self.labels))
+            self.tracker.log_artifact(adapter, "adapter")
+            self.tracker.log_model(adapter, cfg_dict=self.cfg.to_dict(), labels=self.labels, examples=self.examples)
             report = self.run_dir / "privacy_report.json"
             from fedlora.atomic_io import atomic_write_json
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,12 @@ class NullTracker(RoundObserver):
     def backfill(self, history: list[RoundRecord]) -> None:
         pass
 
+    def log_datasets(self, data, *, test, pool=None) -> None:
+        pass
+
+    def log_model(self, adapter_dir: Path, *, cfg_dict: dict, labels: list[str], examples: list[str]) -> None:
+        pass
+
 
 class MLflowTracker(NullTracker):
     """One MLflow run per federation; resuming reuses the same run id."""
@@ -235,6 +242,15 @@ class MLflowTracker(NullTracker):
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
         self._mlflow = mlflow
+        self.system = None
+        try:  # MLflow's own system metrics (CPU, memory, disk, network; GPU when present) of the coordinator's host
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.system = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=run_id is not None,
+                                               tracking_uri=self.uri)
+            self.system.start()
+        except Exception:  # noqa: BLE001 - system metrics never fail a federation
+            log.exception("system metrics are off")
 
     def backfill(self, history: list[RoundRecord]) -> None:
         """On resume: log the rounds the checkpoint holds and MLflow lacks (a coordinator killed between its
@@ -261,6 +277,37 @@ class MLflowTracker(NullTracker):
                 warnings.simplefilter("ignore")
                 self.client.log_table(self.run_id, rows, CLIENT_TABLE)  # appends to the run's table
 
+    def log_datasets(self, data, *, test, pool=None) -> None:
+        """The run's inputs (``mlflow.log_input``): the server's test split, and in simulation the federated pool
+        the clients' partitions were cut from — as MLflow datasets (name, digest, schema, profile; no rows)."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        name = data.name if data.name not in ("local", "hf") else Path(str(data.path)).name
+        inputs = []
+        for context, part in (("test", test), ("train", pool)):
+            if part is None:
+                continue
+            try:
+                with warnings.catch_warnings():  # MLflow's hint that integer columns cannot hold missing values
+                    warnings.simplefilter("ignore", UserWarning)
+                    ds = mlflow.data.from_pandas(part.to_pandas(), name=f"{name}-{context}", targets="label")
+                inputs.append(DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", context)]))
+            except Exception:  # noqa: BLE001 - a dataset record never fails a federation
+                log.exception("could not log the %s dataset", context)
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_model(self, adapter_dir: Path, *, cfg_dict: dict, labels: list[str], examples: list[str]) -> None:
+        """The adapter as the run's MLflow model (``coordinator.mlmodel``)."""
+        from fedlora.coordinator.mlmodel import log_model
+
+        try:
+            uri = log_model(self.uri, self.run_id, adapter_dir, cfg_dict=cfg_dict, labels=labels, examples=examples)
+            log.debug("logged model %s", uri)
+        except Exception:  # noqa: BLE001 - the adapter files are logged already; say why the model is not
+            log.exception("could not log the adapter as an MLflow model")
+
     def log_artifact(self, path, artifact_path=None) -> None:
         p = Path(path)
         if p.is_dir():
@@ -269,6 +316,9 @@ class MLflowTracker(NullTracker):
             self.client.log_artifact(self.run_id, str(p), artifact_path)
 
     def on_finish(self, summary: dict, status: str) -> None:
+        if self.system is not None:
+            self.system.finish()
+            self.system = None
         if (self.run_dir / "summary.json").exists():
             self.log_artifact(self.run_dir / "summary.json")
         if summary.get("history"):
