@@ -2,6 +2,8 @@
 
     fedlora run [hydra overrides...] [-m]   run a federation (or a sweep with -m); --help lists the groups
     fedlora resume <run_dir>                 continue a run that stopped, from its last completed round
+    fedlora ls [--runs-root D] [--format F]  the runs under a runs root: status, progress, accuracy, ε
+    fedlora show <run_dir> [--format F]      one run: its row, key settings and per-round history
     fedlora ui [--port P] [--runs-root D]    the MLflow UI over the run store, on 127.0.0.1
     fedlora serve [hydra overrides...]       a federation of real devices (Flower SuperLink, TLS, enrolled only)
     fedlora enroll KEY.pub --name ID         admit a device (--list, --revoke ID)
@@ -122,8 +124,10 @@ def _hydra_run(argv: list[str], *, serve: bool = False) -> None:
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
     def main(dcfg: DictConfig) -> None:
+        from fedlora.env import console_logging
         from fedlora.lifecycle import claim_run_dir, run_federation
 
+        echo = console_logging().info
         hc = HydraConfig.get()
         run_dir = Path(hc.runtime.output_dir).resolve()
         try:
@@ -131,7 +135,7 @@ def _hydra_run(argv: list[str], *, serve: bool = False) -> None:
             claim_run_dir(run_dir)
         except ConfigError as e:
             _fail(f"invalid config: {e}")
-        print(f"run dir: {run_dir}")
+        echo(f"run dir: {run_dir}")
         parent = None
         if hc.mode is not None and hc.mode.name == "MULTIRUN":
             from fedlora.coordinator.tracking import sweep_parent
@@ -141,12 +145,12 @@ def _hydra_run(argv: list[str], *, serve: bool = False) -> None:
             if serve:
                 from fedlora.serve import serve_federation
 
-                summary = serve_federation(cfg, run_dir)
+                summary = serve_federation(cfg, run_dir, echo=echo)
             else:
-                summary = run_federation(cfg, run_dir, parent_run_id=parent)
+                summary = run_federation(cfg, run_dir, parent_run_id=parent, echo=echo)
         except ConfigError as e:
             _fail(f"invalid config: {e}")
-        _report(summary, run_dir)
+        _report(summary, run_dir, echo)
 
     sys.argv = ["fedlora serve" if serve else "fedlora run", *argv]
     main()
@@ -263,13 +267,16 @@ def _resume(argv: list[str]) -> None:
     p.add_argument("overrides", nargs="*", help="resumable keys only, e.g. rounds=12 round_timeout_s=900 "
                                                 "tracking.uri=sqlite:////new/mlflow.db runtime.num_cpus=4")
     a = p.parse_args(argv)
+    from fedlora.env import console_logging
+
+    echo = console_logging().info
     run_dir = Path(a.run_dir).resolve()
     try:
         cfg = load_run_config(run_dir, a.overrides)
-        summary = run_federation(cfg, run_dir)
+        summary = run_federation(cfg, run_dir, echo=echo)
     except (FileNotFoundError, ConfigError) as e:
         _fail(str(e))
-    _report(summary, run_dir)
+    _report(summary, run_dir, echo)
 
 
 def _ui(argv: list[str]) -> None:
@@ -308,8 +315,56 @@ def _ui(argv: list[str]) -> None:
     os.execvpe(cmd[0], cmd, env)
 
 
-COMMANDS = {"run": _hydra_run, "resume": _resume, "ui": _ui, "serve": _serve, "enroll": _enroll,
-            "client": _client}
+def _ls(argv: list[str]) -> None:
+    import json
+
+    from fedlora.runs import describe, find_runs, table
+
+    p = argparse.ArgumentParser(prog="fedlora ls", description="the federations under a runs root (like `flwr ls`)")
+    p.add_argument("--runs-root", default="runs", help="the runs_root of your federations (default: runs)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    a = p.parse_args(argv)
+    root = Path(a.runs_root).resolve()
+    if not root.is_dir():
+        _fail(f"no runs root at {root}: pass --runs-root (the runs_root your federations used)")
+    rows = [describe(r) for r in find_runs(root)]
+    if a.format == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    print(table([{**r, "run": str(Path(r["run"]).relative_to(root))} for r in rows]))
+
+
+def _show(argv: list[str]) -> None:
+    import json
+
+    from fedlora.runs import history_table, show, table
+
+    p = argparse.ArgumentParser(prog="fedlora show", description="one run: status, key settings, per-round history")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    a = p.parse_args(argv)
+    try:
+        run = show(Path(a.run_dir).resolve())
+    except FileNotFoundError as e:
+        _fail(str(e))
+    if a.format == "json":
+        print(json.dumps(run, indent=2))
+        return
+    cfg = run["config"]
+    print(table([run]))
+    settings = {"model": (cfg.get("model") or {}).get("name_or_path"), "data": (cfg.get("data") or {}).get("name"),
+                "clients": (cfg.get("clients") or {}).get("num"),
+                "per_round": (cfg.get("clients") or {}).get("per_round"),
+                "privacy": "dp" if (cfg.get("privacy") or {}).get("enabled") else "none",
+                "epsilon_target": (cfg.get("privacy") or {}).get("epsilon"), "delta": run.get("delta"),
+                "seed": cfg.get("seed"), "mlflow_run": run.get("mlflow_run_id")}
+    print("\n" + "  ".join(f"{k}={v}" for k, v in settings.items() if v is not None))
+    if run["history"]:
+        print("\n" + history_table(run["history"]))
+
+
+COMMANDS = {"run": _hydra_run, "resume": _resume, "ls": _ls, "show": _show, "ui": _ui, "serve": _serve,
+            "enroll": _enroll, "client": _client}
 
 
 def main(argv: list[str] | None = None) -> None:

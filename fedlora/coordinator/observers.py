@@ -18,6 +18,9 @@ class RoundObserver:
     def on_start(self, message: str) -> None:
         pass
 
+    def on_progress(self, kind: str, done: int, total: int, elapsed_s: float) -> None:
+        """Within a round (driver side): ``done`` of ``total`` clients answered the ``kind`` messages so far."""
+
     def on_round(self, record: RoundRecord, coord: Any = None) -> None:
         pass
 
@@ -74,13 +77,52 @@ def progress_line(record: RoundRecord, *, rounds: int, privacy: bool) -> str:
 
 
 class ConsoleObserver(RoundObserver):
-    """One progress line per round."""
+    """Phase lines with the elapsed time, one line per round, and live progress within a round: on a terminal a
+    status line rewritten in place; otherwise (a file, a pipe, CI) a plain line at most every ``every_s`` seconds,
+    through ``echo`` (the ``fedlora.console`` logger in ``fedlora run``, so the run's log file has them)."""
 
-    def __init__(self, *, rounds: int, privacy: bool, echo: Callable[[str], None] = print) -> None:
+    def __init__(self, *, rounds: int, privacy: bool, echo: Callable[[str], None] = print,
+                 tty: bool | None = None, every_s: float = 30.0) -> None:
+        import sys
+        import time
+
         self.rounds, self.privacy, self.echo = rounds, privacy, echo
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.every_s = every_s
+        self.t0 = time.monotonic()
+        self.round = 0  # rounds reported so far (the one in progress is round + 1)
+        self._last = 0.0
+        self._live = False
+
+    def _clear(self) -> None:
+        if self._live:
+            import sys
+
+            sys.stdout.write("\r\033[K")
+            sys.stdout.flush()
+            self._live = False
 
     def on_start(self, message: str) -> None:
-        self.echo(message)
+        import time
+
+        self._clear()
+        self.echo(f"{message} (+{time.monotonic() - self.t0:.0f}s)")
+
+    def on_progress(self, kind: str, done: int, total: int, elapsed_s: float) -> None:
+        import sys
+        import time
+
+        what = "training" if kind == "train" else "evaluating"
+        line = f"round {self.round + 1}/{self.rounds}: {what}, {done}/{total} clients answered, {elapsed_s:.0f}s"
+        if self.tty:
+            sys.stdout.write("\r\033[K" + line)
+            sys.stdout.flush()
+            self._live = True
+        elif time.monotonic() - self._last >= self.every_s and elapsed_s >= self.every_s:
+            self._last = time.monotonic()
+            self.echo(line)
 
     def on_round(self, record: RoundRecord, coord: Any = None) -> None:
+        self._clear()
+        self.round = record.round
         self.echo(progress_line(record, rounds=self.rounds, privacy=self.privacy))

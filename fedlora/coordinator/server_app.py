@@ -34,10 +34,11 @@ class GridTransport:
     """The round loop's transport over a Flower grid (simulation or deployment)."""
 
     def __init__(self, grid: Grid, *, num_nodes: int, timeout_s: float, connect_timeout_s: float,
-                 on_abandon=None, enrolled=None) -> None:
+                 on_abandon=None, enrolled=None, progress=None) -> None:
         """``enrolled``: in deployment, a callable returning {enrolled name: {"bits": b, ...}}: only nodes
         registered under one of those names take part, under that name (simulation: None)."""
         self.grid = grid
+        self.progress = progress  # progress(kind, done, total, elapsed_s) while a round's replies come in
         self.on_abandon = on_abandon
         self.enrolled = enrolled
         self.num_nodes = num_nodes
@@ -113,6 +114,8 @@ class GridTransport:
                 else:
                     replies.append(reply)
             now = time.monotonic()
+            if self.progress is not None:
+                self.progress(kind, len(replies), len(messages), now - (deadline - self.timeout_s))
             if ready := [nid for when, nid in due if when <= now]:
                 due = [(w, n) for w, n in due if n not in ready]
                 waiting.update(push([by_node[n] for n in ready]))
@@ -135,7 +138,8 @@ def make_server_app(coord: Any, *, num_nodes: int, timeout_s: float, connect_tim
     def main(grid: Grid, context: Context) -> None:
         try:
             transport = GridTransport(grid, num_nodes=num_nodes, timeout_s=timeout_s,
-                                      connect_timeout_s=connect_timeout_s, on_abandon=on_abandon)
+                                      connect_timeout_s=connect_timeout_s, on_abandon=on_abandon,
+                                      progress=lambda *a: [o.on_progress(*a) for o in observers])
             outcome["summary"] = run_rounds(coord, transport, observers)
         except BaseException as e:  # reported by the caller after Flower shuts down
             outcome["error"] = e

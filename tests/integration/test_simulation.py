@@ -33,6 +33,9 @@ def run_cli(*args: str, timeout: int = 600, env: dict | None = None, ok: bool = 
     return Path(last[len("run dir: "):]), r.stdout
 
 
+LS_AT_CRASH: list[dict] = []  # `fedlora ls` of the runs root between the kill and the resume
+
+
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     """A DP federation whose coordinator is killed (SIGKILL) right after round 2's checkpoint, then continued with
@@ -46,9 +49,38 @@ def fed(tmp_path_factory):
     import torch
 
     at_crash = torch.load(run_dir / "checkpoint.pt", weights_only=False)  # what the killed coordinator left
+    stopped = _ls(root)
     resumed_dir, out = run_cli("resume", str(run_dir))
     assert resumed_dir == run_dir
+    LS_AT_CRASH[:] = stopped
     return run_dir, out, json.loads((run_dir / "summary.json").read_text()), at_crash
+
+
+def _ls(root: Path) -> list[dict]:
+    r = subprocess.run([sys.executable, "-m", "fedlora.cli", "ls", "--runs-root", str(root), "--format", "json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_ls_and_show_report_status_progress_and_history(fed):
+    run_dir, _, s, _ = fed
+    [stopped] = LS_AT_CRASH
+    assert stopped["run"] == str(run_dir) and stopped["status"] == "stopped"  # killed: resumable
+    assert stopped["rounds_completed"] == 2 and stopped["rounds_planned"] == 3
+    [row] = _ls(run_dir.parent)
+    assert row["status"] == "finished" and row["rounds_completed"] == 3 and row["strategy"] == "ffa"
+    assert row["accuracy"] == s["global_accuracy"] and row["epsilon_max"] == s["epsilon_max"]
+    r = subprocess.run([sys.executable, "-m", "fedlora.cli", "show", str(run_dir), "--format", "json"],
+                       capture_output=True, text=True, timeout=120)
+    shown = json.loads(r.stdout)
+    assert [h["round"] for h in shown["history"]] == [1, 2, 3] and shown["config"]["strategy"]["name"] == "ffa"
+    r = subprocess.run([sys.executable, "-m", "fedlora.cli", "show", str(run_dir)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "finished" in r.stdout and "global_accuracy" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fedlora.cli", "show", str(run_dir.parent)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "not a fedlora run directory" in r.stderr
 
 
 def test_resume_continues_round_counter_global_state_and_ledgers(fed):
@@ -146,6 +178,40 @@ def test_saved_adapter_reproduces_logged_accuracy(fed):
     out = evaluate(model, tokenize(list(test), tok, cfg.model.max_length), pad_id=tok.pad_token_id)
     assert out["accuracy"] == pytest.approx(s["global_accuracy"], abs=1e-9)
     assert out["loss"] == pytest.approx(s["history"][-1]["global_loss"], rel=1e-4)
+
+
+def test_logged_mlflow_model_loads_and_reproduces_the_logged_accuracy(fed):
+    """The run's MLflow model (pyfunc, signature, input example) loads with MLflow alone and scores what the run
+    logged; the run records its datasets; the adapter names a portable base and carries a filled model card."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from fedlora.lifecycle import load_run_config
+    from fedlora.task.data import global_split, label_names
+
+    run_dir, _, s, _ = fed
+    uri, run_id = s["mlflow"]["tracking_uri"], s["mlflow"]["run_id"]
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert model.metadata.get_input_schema().input_names() == ["text"]
+    assert {"label", "score"} == set(model.metadata.get_output_schema().input_names())
+    cfg = load_run_config(run_dir)
+    names = label_names(cfg.data, cfg.seed)
+    _, test = global_split(cfg.data, cfg.seed)
+    import pandas as pd
+
+    pred = model.predict(pd.DataFrame({"text": list(test["text"])}))
+    acc = sum(p == names[y] for p, y in zip(pred["label"], test["label"])) / len(test)
+    assert acc == pytest.approx(s["global_accuracy"], abs=1e-9)
+    assert pred["score"].between(0.5 if len(names) == 2 else 0.0, 1.0).all()
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    contexts = {d.dataset.name: {t.value for t in d.tags if t.key == "mlflow.data.context"}
+                for d in run.inputs.dataset_inputs}
+    assert contexts == {"rt_polarity-test": {"test"}, "rt_polarity-train": {"train"}}
+    assert "/site-packages/" not in (run_dir / "adapter" / "adapter_config.json").read_text()
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert "strategy `ffa`" in card and "3 of 3 rounds" in card and "δ = 1e-05" in card
+    assert f"{s['global_accuracy']:.4f}" in card
 
 
 def test_sweep_gives_one_mlflow_run_per_point_under_one_parent(tmp_path):
