@@ -24,8 +24,9 @@ lint: install
 	$(BIN)/ruff check fedlora tests bench
 	$(BIN)/lint-imports
 
+# two workers, whole files each (a file's module fixtures run once); the suite mostly waits on subprocesses
 test: lint
-	$(BIN)/python -m pytest -q --timeout=900 -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --timeout=900 -p no:cacheprovider -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 # unit tests only (no engine, no whole federation): seconds
 test-fast: lint
@@ -35,6 +36,7 @@ bench: install
 	$(BIN)/python bench/dp_step.py --quick
 	$(BIN)/python bench/fedsvd_step.py --quick
 	$(BIN)/python bench/bitwidth.py --quick
+	$(BIN)/python bench/gpu.py --quick
 
 clean:
 	rm -rf $(VENV) runs outputs multirun .pytest_cache
