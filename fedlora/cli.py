@@ -5,6 +5,7 @@
     fedlora ls [--runs-root D] [--format F]  the runs under a runs root: status, progress, accuracy, ε
     fedlora show <run_dir> [--format F]      one run: its row, key settings and per-round history
     fedlora ui [--port P] [--runs-root D]    the MLflow UI over the run store, on 127.0.0.1
+    fedlora completion bash                  shell completion: eval "$(fedlora completion bash)"
     fedlora serve [hydra overrides...]       a federation of real devices (Flower SuperLink, TLS, enrolled only)
     fedlora enroll KEY.pub --name ID         admit a device (--list, --revoke ID)
     fedlora client --server H:P --ca CA ...  on a device: join as an authenticated SuperNode (--init-key first)
@@ -105,6 +106,30 @@ def check_overrides(overrides: list[str], multirun: bool, *, simulated: bool = T
     return cfgs
 
 
+def run_help(overrides: list[str], prog: str = "fedlora run") -> str:
+    """``fedlora run --help``: the groups and their options (the selected one starred), then every key with its
+    value under ``overrides`` (the defaults when none) and its doc."""
+    import json
+
+    from fedlora.config import compose, describe_keys, group_options
+
+    choices: dict = {}
+    cfg = FedConfig.from_dict(compose(list(overrides), choices=choices))
+    lines = [f"usage: {prog} [group=option ...] [key=value ...]      (-m: a sweep over comma-separated values)",
+             "", "config groups (group=option; * = selected):"]
+    for group, options in group_options().items():
+        picked = choices.get(group)
+        lines.append(f"  {group:9} " + ", ".join(o + ("*" if o == picked else "") for o in options))
+    lines += ["", "keys (key=value; the value shown is what this command line gives):"]
+    rows = [(k, json.dumps(v, default=list) if not isinstance(v, str) else v, d) for k, v, d in describe_keys(cfg)]
+    width = min(max(len(f"{k} = {v}") for k, v, _ in rows), 56)
+    for k, v, d in rows:
+        lines.append(f"  {f'{k} = {v}':{width}}  {d}")
+    lines += ["", f"`{prog} --help group=option ...` shows the values under those choices; Hydra's own flags: "
+                  f"{prog} --hydra-help."]
+    return "\n".join(lines)
+
+
 def _hydra_run(argv: list[str], *, serve: bool = False) -> None:
     import hydra
     from hydra._internal.utils import get_args_parser
@@ -112,6 +137,14 @@ def _hydra_run(argv: list[str], *, serve: bool = False) -> None:
     from omegaconf import DictConfig
 
     args = get_args_parser().parse_args(argv)
+    if args.help:
+        try:
+            print(run_help(args.overrides, "fedlora serve" if serve else "fedlora run"))
+        except ConfigError as e:
+            _fail(f"invalid config: {e}")
+        except Exception as e:  # noqa: BLE001 - Hydra's composition errors
+            _fail(f"invalid config: {e}")
+        sys.exit(0)
     if not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion):
         try:
             if serve and args.multirun:
@@ -363,8 +396,43 @@ def _show(argv: list[str]) -> None:
         print("\n" + history_table(run["history"]))
 
 
+BASH_COMPLETION = r"""# fedlora bash completion: eval "$(fedlora completion bash)" (e.g. in ~/.bashrc)
+_fedlora() {
+    local words=($COMP_LINE) cur=""
+    [[ "$COMP_LINE" == *" " ]] || cur="${words[-1]}"
+    if [[ ${#words[@]} -eq 1 || ( ${#words[@]} -eq 2 && -n "$cur" ) ]]; then
+        COMPREPLY=($(compgen -W "%(commands)s" -- "$cur"))
+        return
+    fi
+    case "${words[1]}" in
+        run|serve)  # Hydra's own completion of groups, options and keys, asked without the command word
+            local line="${COMP_LINE/ ${words[1]}/}"
+            local choices
+            choices=$(COMP_LINE="$line" COMP_POINT=$(( COMP_POINT - ${#words[1]} - 1 )) \
+                      "${words[0]}" "${words[1]}" -sc query=bash 2>/dev/null)
+            COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "$cur"))
+            if [[ "$cur" == *=* && "$COMP_WORDBREAKS" == *=* ]]; then  # bash completes only the part after '='
+                local prefix="${cur%%=*}="
+                COMPREPLY=("${COMPREPLY[@]#"$prefix"}")
+            fi
+            ;;
+        resume|show) COMPREPLY=($(compgen -d -- "$cur")) ;;
+        *) COMPREPLY=($(compgen -f -- "$cur")) ;;
+    esac
+}
+complete -o nospace -o default -F _fedlora fedlora
+"""
+
+
+def _completion(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="fedlora completion", description="print a shell completion script")
+    p.add_argument("shell", choices=("bash",))
+    p.parse_args(argv)
+    print(BASH_COMPLETION % {"commands": " ".join(COMMANDS)}, end="")
+
+
 COMMANDS = {"run": _hydra_run, "resume": _resume, "ls": _ls, "show": _show, "ui": _ui, "serve": _serve,
-            "enroll": _enroll, "client": _client}
+            "enroll": _enroll, "client": _client, "completion": _completion}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,14 +30,22 @@ CONFIG_DIR = str(Path(__file__).parent / "configs")
 RUNTIMES = ("local", "ray_cluster")
 
 
-def compose(overrides: list[str] | None = None) -> dict:
-    """The resolved config for Hydra ``overrides``, exactly as ``fedlora run`` composes it (a plain dict)."""
+def compose(overrides: list[str] | None = None, *, choices: dict | None = None) -> dict:
+    """The resolved config for Hydra ``overrides``, exactly as ``fedlora run`` composes it (a plain dict).
+    ``choices``, when given, receives the option chosen for each config group."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []),
+                            return_hydra_config=choices is not None)
+    if choices is not None:
+        choices.update({k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
+                        if not k.startswith("hydra")})
+        out = OmegaConf.to_container(cfg, resolve=False)
+        out.pop("hydra")
+        return OmegaConf.to_container(OmegaConf.create(out), resolve=True)
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -376,3 +384,29 @@ def check_client_sizes(cfg: FedConfig, train_sizes: list[int]) -> None:
             raise ConfigError(e.key, f"{e.message} (the smallest client has n_k={smallest} training records; "
                                      "fewer clients (clients.num) give bigger ones, or try another seed / "
                                      "data.alpha)") from None
+
+
+def describe_keys(cfg: FedConfig) -> list[tuple[str, Any, str]]:
+    """Every config key as (dotted key, its value in ``cfg``, its doc), in the order of the dataclasses."""
+    import dataclasses
+
+    out = [(f.name, getattr(cfg, f.name), f.metadata.get("help", "")) for f in dataclasses.fields(cfg)
+           if f.name in FedConfig.TOP]
+    for name in _GROUPS:
+        group = getattr(cfg, name)
+        out += [(f"{name}.{f.name}", getattr(group, f.name), f.metadata.get("help", ""))
+                for f in dataclasses.fields(group) if not f.name.startswith("_")]
+    return out
+
+
+def group_options() -> dict[str, list[str]]:
+    """Each config group's options (the yaml files under ``configs/<group>/``)."""
+    root = Path(CONFIG_DIR)
+    return {g: sorted(p.stem for p in (root / g).glob("*.yaml")) for g in _GROUPS}
+
+
+def config_keys() -> list[str]:
+    """Every dotted config key (top level and per group), from the typed groups."""
+    import dataclasses
+
+    return [*FedConfig.TOP, *(f"{g}.{f.name}" for g, cls in _GROUPS.items() for f in dataclasses.fields(cls))]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,12 +35,21 @@ def test_cli_refuses_a_bad_sweep_point_before_any_work(tmp_path):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
-def test_cli_help_lists_groups():
-    r = fedlora("run", "--help")
-    assert r.returncode == 0
-    for group in ("strategy:", "privacy:", "data:", "model:", "clients:", "runtime:", "tracking:"):
-        assert group in r.stdout
-    assert "fedavg" in r.stdout and "rt_polarity" in r.stdout
+def test_cli_help_lists_groups_and_every_key_with_its_value_and_doc():
+    r = fedlora("run", "--help", "privacy=none", "clients.gpus=0.5")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert any(ln.split() == ["privacy", "dp,", "none*"] for ln in lines)  # the selected option is starred
+    assert any(ln.split()[:2] == ["strategy", "fedavg,"] and "fedsvd*," in ln for ln in lines)
+    gpus = next(ln for ln in lines if ln.strip().startswith("clients.gpus = "))
+    assert "clients.gpus = 0.5" in gpus and "GPUs per simulated client actor" in gpus  # value under the overrides
+    from fedlora.config import config_keys
+
+    for key in config_keys():  # every key of every group, each with its doc
+        line = next((ln for ln in lines if ln.strip().startswith(f"{key} = ")), None)
+        assert line is not None and len(line.split("  ")[-1].strip()) > 3, key
+    bad = fedlora("run", "--help", "nosuch=1")
+    assert bad.returncode == 2 and "nosuch" in bad.stderr
 
 
 
@@ -104,3 +114,17 @@ def test_version_help_and_an_unknown_command():
     bad = cli("rn")
     assert bad.returncode == 2 and "unknown command 'rn'" in bad.stderr and "did you mean 'run'" in bad.stderr
     assert cli().returncode == 2
+
+
+def test_bash_completion_completes_commands_groups_options_and_keys():
+    import os
+
+    script = (
+        'eval "$(fedlora completion bash)"\n'
+        't() { COMP_LINE="$1"; COMP_POINT=${#COMP_LINE}; COMPREPLY=(); _fedlora; echo "${COMPREPLY[*]}"; }\n'
+        't "fedlora r"; t "fedlora run strategy=f"; t "fedlora run clients.gp"; t "fedlora run privacy=none model=t"\n'
+    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["run resume", "fedavg fedsa fedsvd ffa", "clients.gpus=", "tiny_bert"], r.stderr
