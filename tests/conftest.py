@@ -41,3 +41,19 @@ def tiny_cfg(tmp_path):
         return config(*TINY, f"runs_root={tmp_path / 'runs'}", *extra)
 
     return make
+
+
+def stop_group(proc, grace_s: float = 30.0) -> None:
+    """Stop a child started with ``start_new_session=True`` and everything in its process group: SIGTERM, then
+    SIGKILL after ``grace_s`` (never by name: other Ray or Flower instances on the machine are not ours)."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import stop_group
+
 pytestmark = pytest.mark.integration
 
 FEDLORA = [sys.executable, "-m", "fedlora.cli"]
@@ -58,15 +60,6 @@ def _wait_for(pattern: str, log: Path, timeout: float, proc: subprocess.Popen | 
             raise AssertionError(f"{proc.args} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
     raise AssertionError(f"{pattern!r} not in {log} within {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _enroll(runs: Path, device: Path, name: str, bits: int = 32) -> None:
@@ -121,7 +114,7 @@ def deployment(tmp_path_factory):
                 refused[label] = p.wait(120)
             except subprocess.TimeoutExpired:
                 refused[label] = None
-                _stop(p)
+                stop_group(p)
         out["refused"] = refused
         out["control"] = _probe_control(port, ca)
         clients = {}
@@ -150,7 +143,7 @@ def deployment(tmp_path_factory):
         yield out
     finally:
         for p in procs:
-            _stop(p)
+            stop_group(p)
 
 
 def test_a_deployed_federation_runs_under_dp_with_the_enrolled_names(deployment):

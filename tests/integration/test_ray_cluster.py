@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import stop_group
 
 pytestmark = pytest.mark.integration
 
@@ -41,16 +42,6 @@ def _ray_node(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus",
                              "1", "--object-store-memory", str(200 * 2**20), *args],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
 
 
 def _alive_nodes(address: str) -> int:
@@ -86,7 +77,7 @@ def cluster():
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "tmp": tmp}
     finally:
         for p in reversed(nodes):
-            _stop(p)
+            stop_group(p, grace_s=60)
 
 
 def _fedlora(run_dir: Path, *extra: str, job: str | None = None) -> subprocess.CompletedProcess:
