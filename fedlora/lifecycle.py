@@ -4,6 +4,7 @@ the ClientApp: check the config against the data, place the coordinator on Ray, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -253,26 +254,30 @@ def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id:
         cfg, labels, str(run_dir), parent_run_id, **_coordinator_args(cfg, run_dir))
     outcome: dict = {}
     done = threading.Event()
+    site = simulated_site(cfg, run_dir, write_shared_token(run_dir / "clients"))
+    partitions: dict[int, int] = {}  # Flower's node id -> partition id, as its simulation registers the nodes
     server_app = make_server_app(coord, num_nodes=cfg.clients.num, timeout_s=cfg.round_timeout_s,
                                  connect_timeout_s=cfg.runtime.connect_timeout_s, outcome=outcome,
                                  observers=[console], on_done=done.set,
-                                 on_abandon=functools.partial(release_actors, run_dir / "clients"))
+                                 on_abandon=functools.partial(release_actors, run_dir / "clients"),
+                                 roster=functools.partial(simulated_roster, site, partitions,
+                                                          cfg.runtime.connect_timeout_s))
     # Ray restarts a client actor that dies (its in-flight message fails: that client's contribution, not the
     # round); Flower passes client_resources on to the actor's options.
     backend_config = {"client_resources": {"num_cpus": float(cfg.clients.cpus), "num_gpus": float(cfg.clients.gpus),
                                            "max_restarts": -1, "max_task_retries": 0}, "init_args": {}}
-    site = simulated_site(cfg, run_dir, write_shared_token(run_dir / "clients"))
     placement = cluster_placement(ray)
     watchdog = threading.Thread(target=_release_hung_actors, args=(done, Path(site.state_root)), daemon=True)
     watchdog.start()
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=make_client_app(site),
-            num_supernodes=cfg.clients.num,
-            backend_name="ray",
-            backend_config=backend_config,
-        )
+        with scalable_simulation(partitions):
+            run_simulation(
+                server_app=server_app,
+                client_app=make_client_app(site),
+                num_supernodes=cfg.clients.num,
+                backend_name="ray",
+                backend_config=backend_config,
+            )
     finally:
         done.set()
         if ray.is_initialized():
@@ -284,6 +289,62 @@ def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id:
     if "summary" not in outcome:
         raise RuntimeError(f"federation ended without a result; see the log above and {run_dir}")
     return outcome["summary"]
+
+
+@contextlib.contextmanager
+def scalable_simulation(partitions: dict[int, int]):
+    """Flower's simulation engine (flwr 1.41, ``vce_api``) made independent of the number of idle nodes, for as
+    long as the block runs:
+
+    * record which partition each node is: the simulation gives its nodes random ids and keeps the node id ->
+      partition id map it makes (``_register_nodes``) to itself (it reaches the ClientApp only as
+      ``node_config["partition-id"]``); knowing it, the coordinator registers every client without a message;
+    * poll only the nodes that have a message waiting: Flower's ``add_messages_to_queue`` asks the link state
+      for every registered node, every 0.1 s, and each ask scans every stored message — with 10,000 nodes and a
+      round's 100 messages a million checks per pass, one core busy all round. The delivery itself stays
+      Flower's (``get_message_ins``: expiry, federation, delivered marks).
+
+    If Flower ever stops calling these functions, ``partitions`` stays empty (the handshake falls back to asking
+    every node) and the poll is Flower's own."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    register_nodes, add_messages = vce_api._register_nodes, vce_api.add_messages_to_queue
+
+    def register(num_nodes, state_factory):
+        mapping = register_nodes(num_nodes, state_factory)
+        partitions.update(mapping)
+        return mapping
+
+    def poll_pending(state, queue, nodes_mapping, f_stop):
+        store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
+        if store is None or lock is None:  # not the in-memory link state this was written against
+            return add_messages(state, queue, nodes_mapping, f_stop)
+        while not f_stop.is_set():
+            with lock:
+                waiting = {m.metadata.dst_node_id for m in store.values() if not m.metadata.delivered_at}
+            for node_id in waiting & nodes_mapping.keys():
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(0.1)
+        return None
+
+    vce_api._register_nodes, vce_api.add_messages_to_queue = register, poll_pending
+    try:
+        yield partitions
+    finally:
+        vce_api._register_nodes, vce_api.add_messages_to_queue = register_nodes, add_messages
+
+
+def simulated_roster(site: SimulatedSite, partitions: dict[int, int], wait_s: float = 30.0) -> dict[int, dict]:
+    """{node id: hello} of every simulated client, from its partition's sizes: no message, no records loaded
+    (a client tokenises its data when it is first sampled). Waits for Flower to finish registering the nodes
+    (the grid lists them one by one before the map is complete); {} if it never does."""
+    deadline = time.monotonic() + wait_s
+    while len(partitions) < site.num_clients and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if len(partitions) < site.num_clients:
+        return {}
+    return {nid: site.hello(index) for nid, index in partitions.items()}
 
 
 PLACEMENT = "placement.json"
@@ -363,10 +424,7 @@ class InProcessTransport:
         return ctx, ClientStore(self.site.state_root, ctx.client_id)
 
     def handshake(self, spec: str) -> dict[int, dict]:
-        out = {}
-        for i in range(self.site.num_clients):
-            out[i] = worker.hello(*self._client(spec, i))
-        return out
+        return {i: self.site.hello(i) for i in range(self.site.num_clients)}
 
     def exchange(self, kind: str, spec: str, messages: list[Downlink]) -> list[dict]:
         out = []

@@ -1,7 +1,9 @@
 """The Flower ClientApp: the same code runs in simulation (Ray actors) and on a real SuperNode.
 
 Messages (content format: ``fedlora.wire``):
-* ``query``    — the handshake; reply ``info`` {client_id, index, n_train, n_val, held_version}.
+* ``query``    — the handshake; reply ``info`` {client_id, index, n_train, n_val, held_version, ledger_steps}.
+  Real devices answer it; simulated clients are registered from their partitions without it
+  (``lifecycle.scalable_simulation``) unless Flower's node map is unknown.
 * ``train``    — downlink tensors + meta; reply ``update`` (deltas of the shared keys, bit-packed for low-bit
   clients), ``metrics``, ``info``.
 * ``evaluate`` — like train without training; reply ``metrics`` (personalised accuracy on the local split).

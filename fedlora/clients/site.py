@@ -50,6 +50,14 @@ class SimulatedSite:
     def cache_key(self, index: int) -> str:
         return f"sim:{self.data!r}:{self.seed}:{self.num_clients}:{index}"
 
+    def hello(self, index: int) -> dict:
+        """Client ``index``'s registration from its partition's sizes (no records loaded, no message). It says
+        nothing of the client's ledger: the floor every train message carries lets the client check that."""
+        from fedlora.task.data import partition_counts
+
+        n_train, n_val = partition_counts(self.data, self.num_clients, self.seed)[index]
+        return {"client_id": self.client_id(index), "index": index, "n_train": n_train, "n_val": n_val}
+
 
 @dataclass(frozen=True)
 class DeviceSite:

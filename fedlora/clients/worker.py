@@ -46,6 +46,7 @@ class ClientContext:
 
 
 _CACHE: dict[str, Any] = {}
+MAX_CACHED_CLIENTS = 512  # tokenised data kept per process (a client sampled again reuses it)
 
 
 def client_device(spec: ClientSpec, site):
@@ -97,6 +98,9 @@ def context(spec: ClientSpec, site, index: int, client_id: str | None = None) ->
             train, val = (cached_records(model, start, part, cache_dir=site.cache_dir, pad_id=pad_id)
                           for part in (train, val))
         _CACHE[key] = (train, val)
+        data_keys = [k for k in _CACHE if k.startswith("data:")]
+        for old in data_keys[:-MAX_CACHED_CLIENTS]:  # thousands of virtual clients: keep the latest ones' data
+            del _CACHE[old]
     train, val = _CACHE[key]
     return ClientContext(
         spec=spec,
@@ -197,17 +201,23 @@ def _ledger(ctx: ClientContext, store: ClientStore):
     )
 
 
-def _charge(ctx: ClientContext, store: ClientStore, rnd: int, version: int):
+def _charge(ctx: ClientContext, store: ClientStore, rnd: int, version: int, floor: int = 0):
     """Under the client's lock: (ledger, None) once this round's steps are charged on disk — before any noise is
     drawn — or (ledger or None, why not) when the client must not train. A round this client was already
     charged for by an attempt that died before replying (it released nothing) reuses that charge; one charged
-    by an attempt still alive (a straggler that may yet reply) is charged again: over-counting is safe."""
+    by an attempt still alive (a straggler that may yet reply) is charged again: over-counting is safe.
+    ``floor``: the DP steps this client reported to the coordinator before; a ledger holding fewer was reset,
+    deleted or replaced, and the privacy it forgot cannot be reconstructed: refuse."""
     try:
         ledger = _ledger(ctx, store)
     except LedgerUnavailable as e:
         return None, str(e)
     except ConfigError as e:  # its own privacy preconditions (δ < 1/n, batch <= n) fail: decline, say why
         return None, f"privacy preconditions: {e}"
+    if ledger.steps < floor:
+        return ledger, (f"privacy ledger {store.ledger_path} records {ledger.steps} DP steps, below the {floor} this "
+                        "client reported before (reset, deleted or replaced): the privacy it spent cannot be "
+                        "reconstructed; restore the ledger from a backup, or retire this client identity")
     prior = ledger.charge_for(rnd, version)
     if prior is not None and not attempt_alive(prior["attempt"]):
         return ledger, None
@@ -251,7 +261,7 @@ def train(ctx: ClientContext, store: ClientStore, payload: Tensors, meta: dict) 
         global_state = sync(ctx, store, payload, meta)
         store.mark_started(rnd)
         if ctx.spec.privacy.enabled:
-            ledger, why_not = _charge(ctx, store, rnd, version)
+            ledger, why_not = _charge(ctx, store, rnd, version, int(meta.get("ledger_floor") or 0))
             info.update(_privacy_info(ctx, ledger))
             if why_not is not None:
                 info["declined"] = why_not

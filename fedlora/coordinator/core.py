@@ -220,7 +220,7 @@ class Coordinator:
             # already at the version it is sent (a round asked again after a restart) keeps what it holds.
             self.client_versions.setdefault(cid, None)
             mirrored = int(self.ledgers[cid]["steps"]) if cid in self.ledgers else None
-            if mirrored is not None and mirrored > h["ledger_steps"]:
+            if mirrored is not None and h["ledger_steps"] is not None and mirrored > h["ledger_steps"]:
                 self._refuse(cid, f"its privacy ledger records {h.get('ledger_steps')} DP steps, below the {mirrored} "
                                   "it reported before (reset, deleted or unreadable): not scheduled again")
         return len(self.nodes)
@@ -266,6 +266,8 @@ class Coordinator:
             tensors = encode_tensors(tensors, bits)
         meta = {"round": rnd, "version": self.version, "base_version": held, "sync": sync_meta, "kind": kind,
                 "bits": bits}
+        if cid in self.ledgers:  # the DP steps it reported before: a client whose ledger holds fewer refuses
+            meta["ledger_floor"] = int(self.ledgers[cid]["steps"])
         return Downlink(node_id=node_id, client_id=cid, meta=meta, tensors=tensors, bytes=payload_bytes(tensors))
 
     def aggregate_round(self, plan: RoundPlan, replies: list[dict]) -> RoundRecord:

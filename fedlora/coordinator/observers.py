@@ -18,7 +18,7 @@ class RoundObserver:
     def on_start(self, message: str) -> None:
         pass
 
-    def on_progress(self, kind: str, done: int, total: int, elapsed_s: float) -> None:
+    def on_progress(self, kind: str, done: int, total: int, elapsed_s: float, rnd: int | None = None) -> None:
         """Within a round (driver side): ``done`` of ``total`` clients answered the ``kind`` messages so far."""
 
     def on_round(self, record: RoundRecord, coord: Any = None) -> None:
@@ -108,12 +108,13 @@ class ConsoleObserver(RoundObserver):
         self._clear()
         self.echo(f"{message} (+{time.monotonic() - self.t0:.0f}s)")
 
-    def on_progress(self, kind: str, done: int, total: int, elapsed_s: float) -> None:
+    def on_progress(self, kind: str, done: int, total: int, elapsed_s: float, rnd: int | None = None) -> None:
         import sys
         import time
 
         what = "training" if kind == "train" else "evaluating"
-        line = f"round {self.round + 1}/{self.rounds}: {what}, {done}/{total} clients answered, {elapsed_s:.0f}s"
+        rnd = self.round + 1 if rnd is None else rnd  # a resumed run starts past round 1
+        line = f"round {rnd}/{self.rounds}: {what}, {done}/{total} clients answered, {elapsed_s:.0f}s"
         if self.tty:
             sys.stdout.write("\r\033[K" + line)
             sys.stdout.flush()

@@ -12,7 +12,8 @@ from fedlora.coordinator.records import Downlink
 
 class Transport(Protocol):
     def handshake(self, spec: str) -> dict[int, dict]:
-        """Each reachable node's hello (``client_id``, ``index``, ``n_train``, ``n_val``, ``held_version``)."""
+        """Each reachable node's hello (``client_id``, ``index``, ``n_train``, ``n_val``, ``held_version``,
+        ``ledger_steps`` — None when the client was registered without being asked)."""
 
     def exchange(self, kind: str, spec: str, messages: list[Downlink]) -> list[dict]:
         """Send ``messages`` (kind ``train`` or ``evaluate``); the replies that came back in time, each a dict

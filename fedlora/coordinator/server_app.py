@@ -34,11 +34,15 @@ class GridTransport:
     """The round loop's transport over a Flower grid (simulation or deployment)."""
 
     def __init__(self, grid: Grid, *, num_nodes: int, timeout_s: float, connect_timeout_s: float,
-                 on_abandon=None, enrolled=None, progress=None) -> None:
+                 on_abandon=None, enrolled=None, progress=None, roster=None) -> None:
         """``enrolled``: in deployment, a callable returning {enrolled name: {"bits": b, ...}}: only nodes
-        registered under one of those names take part, under that name (simulation: None)."""
+        registered under one of those names take part, under that name (simulation: None). ``roster``: in
+        simulation, a callable returning {node id: hello} without messaging anyone (the simulated clients'
+        partitions are known to the launching process): registration then costs nothing per idle client, and a
+        client builds its context only when it is first sampled."""
         self.grid = grid
-        self.progress = progress  # progress(kind, done, total, elapsed_s) while a round's replies come in
+        self.roster = roster
+        self.progress = progress  # progress(kind, done, total, elapsed_s, round) while a round's replies come in
         self.on_abandon = on_abandon
         self.enrolled = enrolled
         self.num_nodes = num_nodes
@@ -58,6 +62,13 @@ class GridTransport:
         if not node_ids:
             raise RuntimeError(f"no client node connected within runtime.connect_timeout_s="
                                f"{self.connect_timeout_s:g}s")
+        if self.roster is not None:
+            known = self.roster()
+            if hellos := {nid: known[nid] for nid in node_ids if nid in known}:
+                log.info("%d simulated clients registered from their partitions, without a message (each loads "
+                         "its data when first sampled)", len(hellos))
+                return hellos
+            log.warning("the simulation's node -> partition map is unknown: asking every node (a message each)")
         hello = [Message(content=wire.request(spec), dst_node_id=nid, message_type=MessageType.QUERY)
                  for nid in node_ids]
         hellos = {}
@@ -115,7 +126,8 @@ class GridTransport:
                     replies.append(reply)
             now = time.monotonic()
             if self.progress is not None:
-                self.progress(kind, len(replies), len(messages), now - (deadline - self.timeout_s))
+                self.progress(kind, len(replies), len(messages), now - (deadline - self.timeout_s),
+                              int(messages[0].meta["round"]) if messages else None)
             if ready := [nid for when, nid in due if when <= now]:
                 due = [(w, n) for w, n in due if n not in ready]
                 waiting.update(push([by_node[n] for n in ready]))
@@ -129,16 +141,17 @@ class GridTransport:
 
 
 def make_server_app(coord: Any, *, num_nodes: int, timeout_s: float, connect_timeout_s: float, outcome: dict,
-                    observers: list[RoundObserver] = (), on_done=lambda: None, on_abandon=None) -> ServerApp:
+                    observers: list[RoundObserver] = (), on_done=lambda: None, on_abandon=None,
+                    roster=None) -> ServerApp:
     """A ServerApp bound to a coordinator (actor handle or object). ``outcome`` receives the summary or error;
-    ``on_done`` is called when the federation is over, however it ended."""
+    ``on_done`` is called when the federation is over, however it ended; ``roster``: ``GridTransport``'s."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
             transport = GridTransport(grid, num_nodes=num_nodes, timeout_s=timeout_s,
-                                      connect_timeout_s=connect_timeout_s, on_abandon=on_abandon,
+                                      connect_timeout_s=connect_timeout_s, on_abandon=on_abandon, roster=roster,
                                       progress=lambda *a: [o.on_progress(*a) for o in observers])
             outcome["summary"] = run_rounds(coord, transport, observers)
         except BaseException as e:  # reported by the caller after Flower shuts down

@@ -175,7 +175,7 @@ def parse_eval_reply(raw: Any, *, client_id: str, declared_examples: int) -> tup
 
 def parse_hello(raw: Any) -> dict[str, Any]:
     """A validated handshake reply: a client id (letters, digits, ``_.-``), its partition index, its data sizes,
-    the version it says it holds and its ledger's step count."""
+    the version it says it holds and its ledger's step count (None when not told)."""
     import re
 
     if not isinstance(raw, dict):
@@ -184,9 +184,12 @@ def parse_hello(raw: Any) -> dict[str, Any]:
     if not isinstance(cid, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", cid):
         raise UpdateRejected(str(cid)[:40], "hello: client_id must be 1-128 of [A-Za-z0-9_.-]")
     out: dict[str, Any] = {"client_id": cid}
-    for key, lo, default in (("index", -1, -1), ("n_train", 1, None), ("n_val", 0, 0), ("held_version", -1, -1),
-                             ("ledger_steps", -1, 0)):
+    for key, lo, default in (("index", -1, -1), ("n_train", 1, None), ("n_val", 0, 0), ("held_version", -1, -1)):
         out[key] = _number(cid, f"hello.{key}", raw.get(key, default), integer=True, lo=lo)
+    # None: not told (a simulated client registered from its partition, never messaged): the ledger floor the
+    # coordinator sends with every train message makes the client itself refuse a ledger that went backwards
+    steps = raw.get("ledger_steps")
+    out["ledger_steps"] = None if steps is None else _number(cid, "hello.ledger_steps", steps, integer=True, lo=-1)
     if "enrolled_bits" in raw:  # set by the server from the enrollment record, never by the device
         from fedlora.aggregation.quant import check_bits
 

@@ -254,6 +254,24 @@ def _partitioner(spec: DataSpec, num_clients: int, seed: int):
     return p
 
 
+def _sizes(p, num_clients: int) -> list[int]:
+    """``len(p.load_partition(i))`` for every i, without building 10,000 ``datasets`` views (about a millisecond
+    each): an IID partition is ``datasets``' contiguous shard, whose bounds are arithmetic (``Dataset.shard``);
+    a Dirichlet partitioner assigns every index on its first load and keeps the assignment."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if type(p) is IidPartitioner:
+        n = len(p.dataset)
+        if num_clients > n:
+            p.load_partition(num_clients - 1)  # raises the partitioner's own error
+        div, mod = divmod(n, num_clients)
+        return [div + (1 if i < mod else 0) for i in range(num_clients)]
+    if type(p) is DirichletPartitioner:
+        p.load_partition(0)
+        return [len(p._partition_id_to_indices[i]) for i in range(num_clients)]
+    return [len(p.load_partition(i)) for i in range(num_clients)]
+
+
 def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
     """(train, validation) sizes of a partition of ``n`` records: the rule of ``datasets``' ``train_test_split``
     for a float ``test_size`` (validation = ceil(fraction · n)). ``client_split`` asserts that the real split
@@ -280,9 +298,16 @@ def client_split(spec: DataSpec, num_clients: int, index: int, seed: int) -> tup
 def partition_sizes(spec: DataSpec, num_clients: int, seed: int) -> list[int]:
     """Training-set size of every client (what the privacy pre-flight checks before any work starts). A
     partitioning that cannot be done fails here with our message, naming the keys to change."""
+    return [n_train for n_train, _ in partition_counts(spec, num_clients, seed)]
+
+
+@lru_cache(maxsize=4)
+def partition_counts(spec: DataSpec, num_clients: int, seed: int) -> tuple[tuple[int, int], ...]:
+    """(train, validation) sizes of every client's partition, without loading its records (the coordinator
+    registers simulated clients from these); fails like ``partition_sizes``."""
     p = _partitioner(spec, num_clients, seed)
     try:
-        sizes = [len(p.load_partition(i)) for i in range(num_clients)]
+        sizes = _sizes(p, num_clients)
     except ValueError as e:
         pool = len(global_split(spec, seed)[0])
         raise ConfigError("data.alpha" if spec.partitioner == "dirichlet" else "clients.num",
@@ -296,7 +321,7 @@ def partition_sizes(spec: DataSpec, num_clients: int, seed: int) -> list[int]:
         raise ConfigError("clients.num", f"client {small[0]} would hold {sizes[small[0]]} record(s) (a client needs "
                                          "at least 2: training and validation): lower clients.num or raise "
                                          "data.alpha")
-    return [split_sizes(n, spec.val_fraction)[0] for n in sizes]
+    return tuple(split_sizes(n, spec.val_fraction) for n in sizes)
 
 
 def tokenize(records: list[dict], tokenizer, max_length: int) -> list[dict]:

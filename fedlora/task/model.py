@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -288,26 +289,31 @@ def state_key(param_name: str) -> str:
     )
 
 
+_ADAPTER_PARAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def adapter_params(model) -> dict[str, torch.nn.Parameter]:
-    """Adapter state-dict key -> live parameter, for every LoRA factor and head parameter."""
-    keys = set(adapter_state(model))
-    out = {}
-    for name, p in model.named_parameters():
-        k = state_key(name)
-        if k in keys:
-            out[k] = p
-    missing = keys - set(out)
+    """Adapter state-dict key -> live parameter, for every LoRA factor and head parameter, in PEFT's key order.
+    Found once per model (PEFT's state-dict walk costs milliseconds, and a client uses it several times a
+    message); the parameters are the model's own objects, which moving the model to a device keeps."""
+    cached = _ADAPTER_PARAMS.get(model)
+    if cached is not None:
+        return cached
+    from peft import get_peft_model_state_dict
+
+    keys = list(get_peft_model_state_dict(model))
+    live = {state_key(name): p for name, p in model.named_parameters()}
+    missing = [k for k in keys if k not in live]
     if missing:
         raise RuntimeError(f"adapter keys without a live parameter: {sorted(missing)[:3]}")
-    return out
+    cached = _ADAPTER_PARAMS[model] = {k: live[k] for k in keys}
+    return cached
 
 
 def adapter_state(model) -> Tensors:
     """A detached CPU copy of the adapter state (LoRA factors + head), keyed as PEFT saves it: what travels,
     aggregates and is checkpointed, wherever the model trains."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    return {k: p.detach().to("cpu", copy=True) for k, p in adapter_params(model).items()}
 
 
 def load_adapter_state(model, tensors: Tensors) -> None:

@@ -54,6 +54,27 @@ def test_a_deleted_ledger_fails_closed_naming_the_file(client):
     assert worker.hello(ctx, store)["ledger_steps"] == -1
 
 
+def test_a_wiped_state_folder_is_refused_by_the_coordinators_ledger_floor(client):
+    """A client whose whole state folder is gone (ledger and spent-privacy marker both: a reimaged disk, a node
+    without the shared storage) would look new. The coordinator registers simulated clients without asking them,
+    so every train message carries the DP steps the client reported before; below it, the client refuses."""
+    import shutil
+
+    cfg, ctx, store, train = client
+    up, _, info = train(1)
+    reported = json.loads(info["ledger"])["steps"]
+    shutil.rmtree(store.dir)
+    meta = {"round": 2, "version": 1, "base_version": None, "sync": {}, "kind": "train", "bits": 32,
+            "ledger_floor": reported}
+    init = ctx.strategy.init_global(ctx.init_adapter)
+    up, metrics, info = worker.train(ctx, store, init, meta)
+    assert up == {} and metrics["steps"] == 0
+    assert f"below the {reported}" in info["declined"] and str(store.ledger_path) in info["declined"]
+    assert not store.ledger_path.exists()  # nothing charged, nothing trained
+    up, _, info = worker.train(ctx, store, init, {**meta, "ledger_floor": 0})  # no floor: it would look new
+    assert up and not info["declined"]
+
+
 @pytest.mark.parametrize("garbage", ["", "{not json", "[1, 2]", '{"version": 2, "steps": "many"}'])
 def test_a_corrupt_ledger_fails_closed_naming_the_file(client, garbage):
     _, _, store, train = client

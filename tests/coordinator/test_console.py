@@ -30,6 +30,9 @@ def test_progress_into_a_file_is_plain_and_rate_limited(capsys):
     c.on_progress("evaluate", 4, 5, 32.0)  # within 30 s of the last line: silent
     assert lines == ["round 1/2: evaluating, 2/5 clients answered, 31s"]
     assert "\033" not in capsys.readouterr().out  # no control codes into files
+    resumed = ConsoleObserver(rounds=3, privacy=False, echo=lines.append, tty=False, every_s=30.0)
+    resumed.on_progress("train", 0, 2, 31.0, 3)  # a resumed run's first round is the message's, not round 1
+    assert lines[-1] == "round 3/3: training, 0/2 clients answered, 31s"
 
 
 def test_console_format_keeps_fedlora_lines_bare_and_names_everything_else():

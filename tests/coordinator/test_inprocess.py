@@ -75,3 +75,17 @@ def test_mixed_fleet_composes_with_fedsvd_and_dp(run):
     assert set(s["history"][-1]["global_accuracy_by_bits"]) == {4}
     ledgers = s["privacy"]["ledgers"]
     assert len(ledgers) == 4 and all(0 < led["epsilon"] <= 20 for led in ledgers.values())
+
+
+def test_only_sampled_clients_load_their_data(run):
+    """Registration reads the partitions' sizes, not their records: of 12 registered clients, only the 2 a round
+    samples are tokenised (a client's data loads when it is first sampled), and the sizes registered are the ones
+    each client then trains on."""
+    from fedlora.clients import worker
+
+    worker._CACHE.clear()
+    s = run("clients.num=12", "clients.per_round=2", "rounds=1")
+    loaded = [k for k in worker._CACHE if k.startswith("data:")]
+    assert s["history"][0]["reported"] == 2 and len(loaded) == 2
+    assert {k.split(":")[-3] for k in loaded} == {c.split("-")[1].lstrip("0") or "0"
+                                                  for c in s["history"][0]["sampled_clients"]}

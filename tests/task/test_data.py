@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.task.data import DataSpec, client_split, partition_sizes, split_sizes
+from fedlora.task.data import DataSpec, client_split, partition_counts, partition_sizes, split_sizes
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
@@ -14,7 +14,10 @@ def test_preflight_sizes_equal_trained_sizes(partitioner, num, val_fraction, see
     spec = DataSpec(name="rt_polarity", max_examples=1500, val_fraction=val_fraction, partitioner=partitioner,
                     alpha=5.0, min_partition_size=10)
     sizes = partition_sizes(spec, num, seed)
-    assert sizes == [len(client_split(spec, num, i, seed)[0]) for i in range(num)]
+    splits = [client_split(spec, num, i, seed) for i in range(num)]
+    assert sizes == [len(train) for train, _ in splits]
+    # what simulated clients are registered with (without loading their records)
+    assert partition_counts(spec, num, seed) == tuple((len(train), len(val)) for train, val in splits)
 
 
 def test_split_sizes_take_the_ceiling_for_validation():
