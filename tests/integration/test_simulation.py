@@ -118,7 +118,9 @@ def test_summary_is_complete(fed):
     assert "round 1/3" not in out  # the resumed process ran round 3 only
     # the simulated clients were registered from Flower's node -> partition map (lifecycle.scalable_simulation),
     # not by a handshake message to each node
-    assert "4 simulated clients registered from their partitions, without a message" in out
+    # (the first process's log: Hydra's job log file; `fedlora resume` prints only the console's lines)
+    log = (run_dir / "fedlora.log").read_text()
+    assert "4 simulated clients registered from their partitions, without a message" in log
     # DP: every client that trained has a ledger; ε per client per round, the max never above the target
     eps = s["epsilon_per_client"]
     assert eps and all(0 < e <= 50 for e in eps.values()) and s["epsilon_max"] == max(eps.values())
