@@ -145,11 +145,12 @@ def _hydra_run(argv: list[str], *, serve: bool = False) -> None:
         except Exception as e:  # noqa: BLE001 - Hydra's composition errors
             _fail(f"invalid config: {e}")
         sys.exit(0)
+    points = 1
     if not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion):
         try:
             if serve and args.multirun:
                 _fail("fedlora serve runs one federation: no -m")
-            check_overrides(args.overrides, args.multirun, simulated=not serve)
+            points = len(check_overrides(args.overrides, args.multirun, simulated=not serve))
         except ConfigError as e:
             _fail(f"invalid config: {e}")
         except Exception as e:  # noqa: BLE001 - Hydra's composition errors (unknown group, key, bad syntax)
@@ -180,13 +181,27 @@ def _hydra_run(argv: list[str], *, serve: bool = False) -> None:
 
                 summary = serve_federation(cfg, run_dir, echo=echo)
             else:
-                summary = run_federation(cfg, run_dir, parent_run_id=parent, echo=echo)
+                summary = run_federation(cfg, run_dir, parent_run_id=parent, echo=echo,
+                                         concurrent=concurrent_points(hc, points))
         except ConfigError as e:
             _fail(f"invalid config: {e}")
         _report(summary, run_dir, echo)
 
     sys.argv = ["fedlora serve" if serve else "fedlora run", *argv]
     main()
+
+
+def concurrent_points(hc, points: int) -> int:
+    """How many of a sweep's ``points`` run at once: 1 under Hydra's basic launcher (one after another), up to
+    ``hydra.launcher.n_jobs`` under a parallel one (``hydra/launcher=joblib``: each point in its own process)."""
+    if hc.mode is None or hc.mode.name != "MULTIRUN":
+        return 1
+    n_jobs = hc.launcher.get("n_jobs") if hasattr(hc.launcher, "get") else None
+    if n_jobs is None:
+        return 1
+    import joblib
+
+    return max(1, min(points, joblib.effective_n_jobs(int(n_jobs))))
 
 
 try:

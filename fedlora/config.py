@@ -110,6 +110,9 @@ class ClientsConfig(Group):
                       "GPU); 0: clients train on CPU", default=0.0)
     device: str = doc("where clients train and evaluate: auto (CUDA when the client holds a GPU: clients.gpus > 0 "
                       "in simulation, a visible GPU on a real device), cpu, cuda or cuda:N", default="auto")
+    actors: int | None = doc("simulated client actors of this federation; null: as many as the Ray cluster fits "
+                             "(Flower's rule: its CPUs / cpus, GPUs / gpus), or in a parallel sweep its share of "
+                             "them (that count / the points running at once)", default=None)
     bitwidths: dict[int, float] | None = doc(f"fleet mix {{bits: fraction}} over {list(BITWIDTHS)}, fractions "
                                              "summing to 1, e.g. '{32: 0.5, 4: 0.5}'; null: every client 32-bit",
                                              default=None)
@@ -134,6 +137,7 @@ class ClientsConfig(Group):
                               f"got batch_size={self.batch_size}, sample_rate={self.sample_rate}")
         number(self.key("cpus"), self.cpus, gt=0)
         number(self.key("gpus"), self.gpus, ge=0)
+        number(self.key("actors"), self.actors, ge=1, integer=True, optional=True)
         check_device_name(self.key("device"), self.device)
         if self.gpus > 0 and self.device == "cpu":
             raise ConfigError(self.key("gpus"), f"got {self.gpus:g} with clients.device=cpu: the GPUs would be "

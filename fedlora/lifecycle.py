@@ -223,8 +223,10 @@ def _ray_init(cfg: FedConfig) -> None:
 
 
 def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id: str | None = None,
-                   echo=print) -> dict:
-    """Run (or resume, when ``run_dir`` holds a checkpoint) one federation through Flower on Ray."""
+                   echo=print, concurrent: int = 1) -> dict:
+    """Run (or resume, when ``run_dir`` holds a checkpoint) one federation through Flower on Ray.
+    ``concurrent``: how many federations (a parallel sweep's points) run at once on this machine or cluster;
+    unless ``clients.actors`` says otherwise, this one's client actors are its share of what the cluster fits."""
     apply_offline_env()
     quiet_logs()  # before importing Flower: it imports alembic, which logs its plugins at INFO on import
     import ray
@@ -270,7 +272,7 @@ def run_federation(cfg: FedConfig, run_dir: str | os.PathLike, *, parent_run_id:
     watchdog = threading.Thread(target=_release_hung_actors, args=(done, Path(site.state_root)), daemon=True)
     watchdog.start()
     try:
-        with scalable_simulation(partitions):
+        with scalable_simulation(partitions), sized_actor_pool(cfg.clients.actors, concurrent):
             run_simulation(
                 server_app=server_app,
                 client_app=make_client_app(site),
@@ -333,6 +335,36 @@ def scalable_simulation(partitions: dict[int, int]):
         yield partitions
     finally:
         vce_api._register_nodes, vce_api.add_messages_to_queue = register_nodes, add_messages
+
+
+@contextlib.contextmanager
+def sized_actor_pool(actors: int | None, concurrent: int = 1):
+    """Flower's actor pool (flwr 1.41, ``ray_actor.BasicActorPool``) sized for this federation rather than for
+    the whole cluster: ``actors`` of them (``clients.actors``), or, when ``concurrent`` federations share the
+    cluster, ``fits // concurrent`` (at least one). Never more than fit: an actor the cluster cannot place stays
+    pending, and a message Flower hands it waits — with two federations each holding half the cluster and
+    waiting on a pending actor, until the round times out. The count is logged."""
+    if actors is None and concurrent <= 1:
+        yield
+        return
+    from flwr.simulation.ray_transport import ray_actor
+
+    fits = ray_actor.pool_size_from_resources
+
+    def sized(client_resources):
+        most = fits(client_resources)
+        n = min(actors, most) if actors is not None else max(1, most // concurrent)
+        why = (f"clients.actors={actors}" if actors is not None
+               else f"its share of the cluster's {most} with {concurrent} federations at once")
+        log.info("%d client actor(s) for this federation (%s%s)", n, why,
+                 f"; {actors} do not fit" if actors is not None and actors > most else "")
+        return n
+
+    ray_actor.pool_size_from_resources = sized
+    try:
+        yield
+    finally:
+        ray_actor.pool_size_from_resources = fits
 
 
 def simulated_roster(site: SimulatedSite, partitions: dict[int, int], wait_s: float = 30.0) -> dict[int, dict]:

@@ -120,3 +120,23 @@ def test_cluster_and_job_runs_equal_the_embedded_run_with_clients_on_both_nodes(
     assert "succeeded" in job.stdout + job.stderr
     embedded_placement = json.loads((runs / "embedded" / "placement.json").read_text())
     assert len(embedded_placement["cluster_nodes"]) == 1  # its own Ray, not the cluster's
+
+
+def test_a_parallel_sweep_on_the_cluster_splits_it_between_its_points(cluster):
+    """`fedlora run -m ... hydra/launcher=joblib` attached to the cluster: two federations at once, each sized to
+    its share of the cluster's two client slots (Flower alone would give each both, one of them pending: a message
+    handed to it waits for the other federation to end, until the round times out)."""
+    sweep = cluster["tmp"] / "sweep"
+    cmd = [sys.executable, "-m", "fedlora.cli", "run", "-m", *FED, "runtime=ray_cluster",
+           f"runtime.address={cluster['address']}", f"runs_root={sweep}", f"hydra.sweep.dir={sweep}",
+           "round_timeout_s=120", "strategy=ffa,fedsvd", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    points = sorted(p.parent for p in sweep.glob("*/summary.json"))
+    assert [p.name.split("-")[1] for p in points] == ["ffa", "fedsvd"]
+    for p in points:
+        s = json.loads((p / "summary.json").read_text())
+        assert [h["reported"] for h in s["history"]] == [4, 4], p  # every client, every round: nothing timed out
+        assert sum(json.loads((p / "placement.json").read_text())["client_actor_nodes"].values()) == 1, p
+        assert "1 client actor(s) for this federation (its share of the cluster's 2 with 2 federations at once)" \
+            in (p / "fedlora.log").read_text(), p

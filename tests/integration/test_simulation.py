@@ -219,17 +219,26 @@ def test_logged_mlflow_model_loads_and_reproduces_the_logged_accuracy(fed):
     assert f"{s['global_accuracy']:.4f}" in card
 
 
-def test_sweep_gives_one_mlflow_run_per_point_under_one_parent(tmp_path):
-    """`fedlora run -m`: Hydra multirun, each point a full federation through Ray + Flower, grouped in MLflow."""
+def test_parallel_sweep_gives_one_mlflow_run_per_point_under_one_parent(tmp_path):
+    """`fedlora run -m hydra/launcher=joblib`: Hydra multirun through Hydra's joblib launcher, the points at once
+    (each its own process and Ray), each a full federation through Ray + Flower, grouped in MLflow."""
     from mlflow.tracking import MlflowClient
 
     overrides = [o for o in TINY if not o.startswith(("tracking=", "rounds="))]
     r = subprocess.run(
         [sys.executable, "-m", "fedlora.cli", "run", "-m", *overrides, "rounds=1", "tracking=mlflow",
-         f"runs_root={tmp_path}", "strategy=ffa,fedsvd"],
+         f"runs_root={tmp_path}", "strategy=ffa,fedsvd", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
         capture_output=True, text=True, timeout=900,
     )
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "Add type hints" not in r.stdout + r.stderr  # MLflow's type-hint notice, for a model with a signature
+    logs, placements = sorted(tmp_path.glob("sweep-*/*/fedlora.log")), sorted(tmp_path.glob("sweep-*/*/placement.json"))
+    assert len(logs) == len(placements) == 2
+    for log in logs:  # each point's actors: its share of its 2-CPU Ray
+        assert "1 client actor(s) for this federation (its share of the cluster's 2 with 2 federations at once)" \
+            in log.read_text(), log
+    for p in placements:
+        assert sum(json.loads(p.read_text())["client_actor_nodes"].values()) == 1, p
     summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("sweep-*/*/summary.json"))]
     assert sorted(s["strategy"] for s in summaries) == ["fedsvd", "ffa"]
     assert all(s["rounds_completed"] == 1 and s["global_accuracy"] is not None for s in summaries)
@@ -242,6 +251,8 @@ def test_sweep_gives_one_mlflow_run_per_point_under_one_parent(tmp_path):
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "sweep_comparison.json" in arts
     children = [client.get_run(s["mlflow"]["run_id"]) for s in summaries]
+    first, second = sorted(children, key=lambda c: c.info.start_time)
+    assert second.info.start_time < first.info.end_time  # both federations were running at once
     assert sorted(c.info.run_name.split(" ", 1)[1].count("strategy=") for c in children) == [1, 1]  # named by point
     # no DP in these runs: no ε anywhere (never a 0.0 that nobody computed)
     assert all(s["epsilon_max"] is None and not s["epsilon_per_client"] for s in summaries)
