@@ -10,6 +10,9 @@ Figures per clients.num:
 * ``overhead_frac``: per round, (round time − client compute − aggregation − evaluation) / round time, median of
   rounds 2..R. Client compute is the sum of the sampled clients' own training time (``client_s`` in the run's
   summary) divided by the number of client actors that ran them in parallel (the CPUs: clients.cpus = 1);
+* ``engine_frac``: the same with the clients' whole handling of their message instead of their training
+  (``handler_s``: the client's data loaded and tokenised on first touch, its state files, the reply built): what
+  is left is Flower's link state, Ray's actor calls, the driver and the coordinator moving messages;
 * ``rss_gb`` (peak, sampled every 0.5 s): the whole process tree of `fedlora run` (driver, Ray's daemons, the
   client actors, the coordinator actor), and ``coordinator_rss_gb``, the coordinator actor alone. RSS counts
   shared pages once per process, so the total over-counts (an upper bound).
@@ -124,10 +127,14 @@ def run_point(root: Path, n: int, args) -> dict:
     actors = 2  # client actors in parallel: this box's CPUs / clients.cpus (1)
     rounds = []
     for h in hist:
-        compute = sum(c["client_s"] for c in h.get("clients", {}).values()) / actors
+        rows = h.get("clients", {}).values()
+        compute = sum(c["client_s"] for c in rows) / actors
+        handling = sum(c.get("handler_s") or c["client_s"] for c in rows) / actors
         other = h["round_s"] - compute - h["aggregate_s"] - h["eval_s"]
-        rounds.append({"round_s": h["round_s"], "client_compute_s": compute, "aggregate_s": h["aggregate_s"],
-                       "eval_s": h["eval_s"], "overhead_s": other, "overhead_frac": other / h["round_s"],
+        engine = h["round_s"] - handling - h["aggregate_s"] - h["eval_s"]
+        rounds.append({"round_s": h["round_s"], "client_compute_s": compute, "client_handling_s": handling,
+                       "aggregate_s": h["aggregate_s"], "eval_s": h["eval_s"], "overhead_s": other,
+                       "overhead_frac": other / h["round_s"], "engine_s": engine, "engine_frac": engine / h["round_s"],
                        "reported": h["reported"]})
     steady = rounds[1:] or rounds
     return {"clients": n, "startup_s": startup, "total_s": total_s,
@@ -138,6 +145,9 @@ def run_point(root: Path, n: int, args) -> dict:
             "overhead_ms_per_client": 1e3 * actors * statistics.median(r["overhead_s"] / r["reported"]
                                                                       for r in steady),
             "client_compute_s": statistics.median(r["client_compute_s"] for r in steady),
+            "client_handling_s": statistics.median(r["client_handling_s"] for r in steady),
+            "engine_frac": statistics.median(r["engine_frac"] for r in steady),
+            "engine_ms_per_client": 1e3 * actors * statistics.median(r["engine_s"] / r["reported"] for r in steady),
             "rss_gb": rss.peak_total / 2**30, "coordinator_rss_gb": rss.peak_coord / 2**30, "rounds": rounds}
 
 
@@ -153,10 +163,11 @@ def main() -> None:
         for n in (int(x) for x in args.clients.split(",")):
             points.append(run_point(Path(tmp), n, args))
     print(f"\n{'clients':>8} {'start s':>8} {'round s':>8} {'compute s':>10} {'overhead':>9} {'ms/client':>10} "
-          f"{'RSS GB':>7} {'coord GB':>9}")
+          f"{'handling s':>11} {'engine':>7} {'ms/client':>10} {'RSS GB':>7} {'coord GB':>9}")
     for p in points:
         print(f"{p['clients']:>8} {p['startup_s'] or float('nan'):>8.1f} {p['round_s']:>8.2f} "
               f"{p['client_compute_s']:>10.2f} {p['overhead_frac']:>8.1%} {p['overhead_ms_per_client']:>10.1f} "
+              f"{p['client_handling_s']:>11.2f} {p['engine_frac']:>6.1%} {p['engine_ms_per_client']:>10.1f} "
               f"{p['rss_gb']:>7.2f} {p['coordinator_rss_gb']:>9.2f}")
     out: dict = {"per_round": args.per_round, "rounds": args.rounds, "records_per_client": args.records,
                  "points": points}
@@ -165,7 +176,8 @@ def main() -> None:
         out["startup_ratio"] = last["startup_s"] / first["startup_s"]
     for p in points:
         if p["clients"] == 10_000:
-            out.update(overhead_frac_10k=p["overhead_frac"], rss_gb_10k=p["rss_gb"], startup_s_10k=p["startup_s"])
+            out.update(overhead_frac_10k=p["overhead_frac"], engine_frac_10k=p["engine_frac"], rss_gb_10k=p["rss_gb"],
+                       startup_s_10k=p["startup_s"])
     print(json.dumps(out))
 
 

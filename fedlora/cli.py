@@ -360,7 +360,23 @@ def _ui(argv: list[str]) -> None:
     if artifacts is not None:
         cmd += ["--artifacts-destination", str(artifacts)]
     print(f"MLflow UI on http://{a.host}:{a.port} (store {store}); Ctrl-C stops it", flush=True)
+    for name, url in experiment_urls(store, f"http://{a.host}:{a.port}"):
+        print(f"  experiment {name}: {url}", flush=True)
     os.execvpe(cmd[0], cmd, env)
+
+
+def experiment_urls(store: str, base: str) -> list[tuple[str, str]]:
+    """(name, URL) of each experiment in ``store`` that holds runs, opening on its runs in MLflow's classic
+    training view: MLflow 3.17's UI opens every experiment in its GenAI view (traces) unless the URL says
+    ``workflowType=machine_learning`` (it reads that before the browser's remembered choice)."""
+    from fedlora.env import quiet_logs
+
+    quiet_logs()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    return [(e.name, f"{base}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning")
+            for e in client.search_experiments() if client.search_runs([e.experiment_id], max_results=1)]
 
 
 def _ls(argv: list[str]) -> None:

@@ -18,6 +18,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import ClassVar
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -81,12 +82,46 @@ def actor_nodes(state_root: Path) -> dict[str, int]:
     return out
 
 
+_QUIETED = False
+
+
+def _quiet_once() -> None:
+    """Library log levels and warning filters in this (actor) process, once: setting them on every message cost
+    ~1 ms each (``warnings.filterwarnings`` rebuilds the filter list)."""
+    global _QUIETED
+    if not _QUIETED:
+        quiet_logs()  # the actor process imported Flower (its logger at DEBUG) before the first message came
+        _QUIETED = True
+
+
+class SimulationApp:
+    """What Flower's simulation sends a client actor with every message to load the ClientApp from (its Ray
+    backend calls ``app_fn()`` in the actor for each message). Flower's own ``app_fn`` is a closure over the
+    ClientApp, which Ray's cloudpickle pickles by value for every message — walking ``sys.modules`` for each of
+    its functions, ~4 ms per message on the driver's thread (py-spy: a third of the driver's CPU at 100 clients
+    per round). This object pickles by reference (a module-level class and the site's fields) and builds the
+    ClientApp once per process (``lifecycle.scalable_simulation`` hands it to Flower)."""
+
+    _apps: ClassVar[dict[SimulatedSite, ClientApp]] = {}
+
+    def __init__(self, site: SimulatedSite) -> None:
+        self.site = site
+
+    def __call__(self) -> ClientApp:
+        app = self._apps.get(self.site)
+        if app is None:
+            if len(self._apps) >= 8:  # a long-lived process that served many simulations: keep the latest
+                self._apps.clear()
+            app = self._apps[self.site] = make_client_app(self.site)
+        return app
+
+
 def make_client_app(site: SimulatedSite) -> ClientApp:
     """The simulation ClientApp: node ``partition-id`` is client ``index`` of ``site``."""
     app = ClientApp()
 
     def setup(msg: Message, context: Context):
-        quiet_logs()  # in the actor process (the app is unpickled there): its end-of-run termination warning
+        _quiet_once()  # in the actor process: Flower's end-of-run termination warning, library INFO lines
         site.check_shared()  # before any client state is read or created
         spec_d, meta, payload = wire.read_request(msg.content)
         spec = ClientSpec.from_dict(spec_d)
@@ -106,6 +141,7 @@ def make_client_app(site: SimulatedSite) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        t0 = time.perf_counter()
         if site.faults is not None:  # before the client's model and data load: a fault costs no start-up
             site.check_shared()
             cid = site.client_id(int(context.node_config["partition-id"]))
@@ -113,6 +149,7 @@ def make_client_app(site: SimulatedSite) -> ClientApp:
             inject(site.faults, int(wire.read_request(msg.content)[1]["round"]), cid, Path(site.state_root))
         ctx, store, meta, payload = setup(msg, context)
         upload, metrics, info = worker.train(ctx, store, payload, meta)
+        metrics = {**metrics, "handler_s": time.perf_counter() - t0}  # training is metrics["client_s"] of this
         return done(Message(wire.reply(info=info, metrics=metrics, update=upload), reply_to=msg))
 
     @app.evaluate()

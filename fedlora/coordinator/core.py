@@ -301,6 +301,9 @@ class Coordinator:
                 f"declined of {record.sampled} sampled); nothing of this round was applied; the run stops and "
                 f"`fedlora resume {self.run_dir}` continues from round {rnd - 1}")
         if updates:
+            # in client order, not arrival order: a strategy's float sums may depend on their order, and the same
+            # seed should give the same adapter bits however the actors' timing fell (embedded, on a cluster)
+            updates.sort(key=lambda u: u.client_id)
             self.global_state = self.strategy.aggregate(self.global_state, updates)
             self.version += 1
         record.reported = len(updates)
@@ -352,7 +355,8 @@ class Coordinator:
             log.info("round %d: %s declined: %s", rnd, cid, rep.declined)
             return None
         record.bytes_up += rep.bytes_up
-        record.clients[cid] = ClientRow(loss=rep.loss, client_s=rep.client_s, update_norm=rep.update_norm)
+        record.clients[cid] = ClientRow(loss=rep.loss, client_s=rep.client_s, update_norm=rep.update_norm,
+                                        handler_s=rep.handler_s)
         return ClientUpdate(cid, rep.update, rep.num_examples, {"bits": sent.bits})
 
     def _all_exhausted(self) -> bool:

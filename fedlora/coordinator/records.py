@@ -50,6 +50,9 @@ class ClientRow:
     loss: float
     client_s: float
     update_norm: float
+    #: the client's whole handling of the message (its data and model made ready, training, its state files):
+    #: client_s is the training part; None from clients that do not say
+    handler_s: float | None = None
 
 
 #: RoundRecord fields that only exist when they were measured this round (left out of the summary otherwise)

@@ -160,7 +160,7 @@ CLIENT_TABLE = "clients.json"  # one row per client and round: the per-client se
 def client_rows(record: RoundRecord) -> dict[str, list]:
     """This round's per-client rows (every client with a report or an ε), columns as lists for log_table."""
     ids = sorted(set(record.clients) | set(record.epsilon_per_client))
-    rows = {"round": [], "client": [], "loss": [], "update_norm": [], "client_s": [], "epsilon": []}
+    rows = {"round": [], "client": [], "loss": [], "update_norm": [], "client_s": [], "handler_s": [], "epsilon": []}
     for cid in ids:
         c = record.clients.get(cid)
         rows["round"].append(record.round)
@@ -168,6 +168,7 @@ def client_rows(record: RoundRecord) -> dict[str, list]:
         rows["loss"].append(None if c is None else c.loss)
         rows["update_norm"].append(None if c is None else c.update_norm)
         rows["client_s"].append(None if c is None else c.client_s)
+        rows["handler_s"].append(None if c is None else c.handler_s)
         rows["epsilon"].append(record.epsilon_per_client.get(cid))
     return rows
 

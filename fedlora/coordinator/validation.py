@@ -46,6 +46,7 @@ class Reply:
     update: Tensors | None
     update_norm: float
     bytes_up: int
+    handler_s: float | None = None
 
 
 def _number(cid: str, name: str, v: Any, *, integer: bool = False, lo: float | None = None,
@@ -147,9 +148,12 @@ def parse_reply(raw: Any, *, client_id: str, declared_examples: int, bits: int, 
                 hi=max(1, declared_examples))
     loss = _number(cid, "metrics.loss", metrics.get("loss", float("nan")), lo=0, allow_nan=True)
     client_s = _number(cid, "metrics.client_s", metrics.get("client_s", 0.0), lo=0)
+    handler_s = metrics.get("handler_s")
+    if handler_s is not None:
+        handler_s = _number(cid, "metrics.handler_s", handler_s, lo=0)
     up = raw.get("update", {})
     if declined:
-        return Reply(cid, n, loss, client_s, ledger, can_run, declined, None, 0.0, 0)
+        return Reply(cid, n, loss, client_s, ledger, can_run, declined, None, 0.0, 0, handler_s)
     if not isinstance(up, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in up.items()):
         raise UpdateRejected(cid, "update: not a mapping of named tensors")
     nbytes = payload_bytes(up)
@@ -159,7 +163,7 @@ def parse_reply(raw: Any, *, client_id: str, declared_examples: int, bits: int, 
         except (ValueError, KeyError, RuntimeError, TypeError) as e:
             raise UpdateRejected(cid, f"malformed {bits}-bit payload: {str(e)[:200]}") from None
     norm = validate_update(cid, up, expected, max_norm=max_norm)
-    return Reply(cid, n, loss, client_s, ledger, can_run, "", up, norm, nbytes)
+    return Reply(cid, n, loss, client_s, ledger, can_run, "", up, norm, nbytes, handler_s)
 
 
 def parse_eval_reply(raw: Any, *, client_id: str, declared_examples: int) -> tuple[float, int]:

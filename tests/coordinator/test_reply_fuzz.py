@@ -69,6 +69,7 @@ def _mutations(coord, key: str, bits: int):
         st.builds(lambda v: reply("metrics", "num_examples", v), BAD_EXAMPLES),
         st.builds(lambda v: reply("metrics", "loss", v), st.sampled_from([[1], "x", math.inf, -1.0, {}])),
         st.builds(lambda v: reply("metrics", "client_s", v), BAD_NUMBER.filter(lambda v: v != 0)),
+        st.builds(lambda v: reply("metrics", "handler_s", v), BAD_NUMBER.filter(lambda v: v not in (0, None))),
         st.builds(lambda v: reply("info", "bits", v), st.sampled_from(["8", 3.5, True, 16 if bits != 16 else 8, []])),
         st.builds(lambda v: reply("info", "ledger", v), BAD_LEDGER),
         st.builds(lambda v: reply("info", "can_run_next", v), st.sampled_from(["junk", 2, -1, [1], 0.5, math.nan])),
@@ -143,3 +144,4 @@ def test_a_weight_claim_cannot_take_over_the_average(fresh):
     greedy["metrics"]["num_examples"] = 2**63
     record = coord.aggregate_round(plan.header(), [honest, greedy])
     assert record.reported == 1 and record.rejected == 1
+

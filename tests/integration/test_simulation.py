@@ -103,6 +103,11 @@ def test_resume_continues_round_counter_global_state_and_ledgers(fed):
     assert len(grew) == s["history"][2]["reported"] == 2
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ck["round"] == 3 and ck["version"] == 3
+    # each accepted client row: its training time and its whole handling of the message (data, training, state)
+    # (a reply replayed after the crash keeps its stored client_s; round 1 ran once)
+    rows = [c for h in ck["history"] for c in h["clients"].values()]
+    assert rows and all(c["handler_s"] > 0 and c["client_s"] > 0 for c in rows)
+    assert all(c["handler_s"] >= c["client_s"] for c in ck["history"][0]["clients"].values())
 
 
 def test_summary_is_complete(fed):

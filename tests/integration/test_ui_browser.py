@@ -102,6 +102,13 @@ def test_run_page_shows_accuracy_model_datasets_and_figures(ui, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), headless=True, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # the experiment's link `fedlora ui` prints opens on its runs in the classic training view, not GenAI's
+        line = next(ln for ln in (root / "ui.log").read_text().splitlines() if ln.strip().startswith("experiment "))
+        assert line.strip().startswith("experiment fedlora: ") and f"/#/experiments/{exp_id}/runs?" in line
+        page.goto(line.split(": ", 1)[1].strip())
+        text = _wait_for(page, "Run Name", "Model training", "run")
+        assert "Token Usage" not in text and "/runs" in page.url, page.url  # GenAI's overview would show tokens
+        shot(page, "experiment-runs")
         page.goto(f"{url}/#/experiments/{exp_id}/runs/{run_id}")
         text = _wait_for(page, "Logged models (1)", "Ready", "rt_polarity-test", "Datasets")
         assert "global/accuracy" in text and "system/cpu_utilization_percentage" in text  # the overview's tables

@@ -1,5 +1,6 @@
-"""Parallel sweeps: how many points run at once (from Hydra's launcher config) and each point's share of the
-cluster's client actors (Flower's own pool-size rule, on a real Ray instance)."""
+"""How fedlora drives Flower's simulation engine: how many sweep points run at once (from Hydra's launcher config),
+each point's share of the cluster's client actors (Flower's own pool-size rule, on a real Ray instance), and the
+ClientApp loader shipped with every message."""
 
 from __future__ import annotations
 
@@ -54,3 +55,36 @@ def test_each_federation_gets_its_share_of_the_actors_flower_would_place(caplog)
         assert "its share of the cluster's 3 with 2 federations at once" in caplog.text
     finally:
         ray.shutdown()
+
+
+def test_the_client_app_travels_by_reference_and_is_built_once_per_process(tiny_cfg, tmp_path):
+    """What Flower ships to a client actor with every message: a few hundred bytes naming the site, not the
+    ClientApp's closures pickled by value; loading it again in the same process gives the same ClientApp."""
+    import ray.cloudpickle as cloudpickle
+    from flwr.clientapp import ClientApp
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedlora.clients.app import SimulationApp
+    from fedlora.lifecycle import scalable_simulation, simulated_site, write_shared_token
+
+    cfg = tiny_cfg()
+    site = simulated_site(cfg, tmp_path, write_shared_token(tmp_path / "clients"))
+    app_fn = SimulationApp(site)
+    app = app_fn()
+    assert isinstance(app, ClientApp)
+    shipped = cloudpickle.dumps(app_fn)
+    assert len(shipped) < 2000 and b"make_client_app" not in shipped  # by reference: no code inside
+    assert cloudpickle.loads(shipped)() is app
+    other = simulated_site(tiny_cfg("seed=1"), tmp_path, site.shared_token)
+    assert SimulationApp(other)() is not app  # another federation's clients: another app
+    # inside the simulation block Flower's run loop receives this app_fn in place of its own closure
+    seen = []
+    flower_run_api = vce_api.run_api
+    try:
+        vce_api.run_api = lambda fn, *a, **k: seen.append(fn)
+        with scalable_simulation({}, app_fn):
+            vce_api.run_api(lambda: app, "backend", "nodes")
+        vce_api.run_api(flower_fn := (lambda: app))
+    finally:
+        vce_api.run_api = flower_run_api
+    assert seen == [app_fn, flower_fn]
