@@ -347,6 +347,8 @@ class Coordinator:
                                   f"{mirrored} before): update rejected, not scheduled again")
                 return None
             self.ledgers[cid] = rep.ledger
+            if self.cfg.privacy.enabled:
+                record.epsilon_per_client[cid] = float(rep.ledger["epsilon"])
         if rep.can_run_next is False:
             self.exhausted.setdefault(cid, "privacy budget: next round would pass the target ε")
         if rep.declined:
@@ -434,10 +436,8 @@ class Coordinator:
             if low:  # what each low-bit device class holds: the global adapter re-quantised to its bitwidth
                 record.global_accuracy_by_bits = {b: self.evaluate_global(bits=b)["accuracy"] for b in low}
         record.eval_s = time.perf_counter() - t_eval0
-        eps = {cid: float(led["epsilon"]) for cid, led in self.ledgers.items()}
         if self.cfg.privacy.enabled:  # without DP there is no ε to report (never a 0.0 nobody computed)
-            record.epsilon_max = max(eps.values(), default=0.0)
-            record.epsilon_per_client = eps
+            record.epsilon_max = max((float(led["epsilon"]) for led in self.ledgers.values()), default=0.0)
         record.round_s = time.perf_counter() - record.t0
         record.overhead_s = max(0.0, record.round_s - record.client_compute_s - record.aggregate_s - record.eval_s)
         self.totals["bytes_up"] += record.bytes_up

@@ -85,7 +85,9 @@ class RoundRecord:
     eval_s: float = 0.0
     round_s: float = 0.0
     overhead_s: float = 0.0
-    epsilon_max: float | None = None  # None without DP
+    epsilon_max: float | None = None  # None without DP; the largest ε of every client so far
+    #: ε after this round of the clients that answered it with their ledger (not of every client that ever trained:
+    #: a round's record stays the size of the round, whatever the fleet); the summary has every client's latest
     epsilon_per_client: dict[str, float] = field(default_factory=dict)
     sampled_clients: list[str] = field(default_factory=list)
     clients: dict[str, ClientRow] = field(default_factory=dict)

@@ -130,7 +130,12 @@ def test_summary_is_complete(fed):
     eps = s["epsilon_per_client"]
     assert eps and all(0 < e <= 50 for e in eps.values()) and s["epsilon_max"] == max(eps.values())
     assert s["delta"] == pytest.approx(1e-5)
-    assert all(h["epsilon_max"] == max(h["epsilon_per_client"].values()) for h in s["history"])
+    latest: dict[str, float] = {}  # a round's record: ε of the clients that answered it; epsilon_max: of all so far
+    for h in s["history"]:
+        assert set(h["epsilon_per_client"]) <= set(h["sampled_clients"])
+        latest.update(h["epsilon_per_client"])
+        assert h["epsilon_max"] == max(latest.values())
+    assert latest == eps
     assert [h["epsilon_max"] for h in s["history"]] == sorted(h["epsilon_max"] for h in s["history"])
     for cid, led in s["privacy"]["ledgers"].items():
         assert led["accountant"] == "prv" and led["steps"] % 3 == 0 and led["epsilon"] == eps[cid]
