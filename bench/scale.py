@@ -9,7 +9,7 @@ Figures per clients.num:
 * ``round_s``: median round time of rounds 2..R (round 1 pays the client actors' model loads);
 * ``overhead_frac``: per round, (round time − client compute − aggregation − evaluation) / round time, median of
   rounds 2..R. Client compute is the sum of the sampled clients' own training time (``client_s`` in the run's
-  summary) divided by the number of client actors that ran them in parallel (the CPUs: clients.cpus = 1);
+  summary) divided by the number of client actors that ran them in parallel (``placement.json``);
 * ``engine_frac``: the same with the clients' whole handling of their message instead of their training
   (``handler_s``: the client's data loaded and tokenised on first touch, its state files, the reply built): what
   is left is Flower's link state, Ray's actor calls, the driver and the coordinator moving messages;
@@ -124,7 +124,8 @@ def run_point(root: Path, n: int, args) -> dict:
     from fedlora.coordinator.core import CHECKPOINT, read_checkpoint
 
     hist = read_checkpoint(run_dir / CHECKPOINT)["history"]  # with the per-client rows (summary.json has none)
-    actors = 2  # client actors in parallel: this box's CPUs / clients.cpus (1)
+    # client actors that ran in parallel (the run's placement report: Flower's pool, this box's CPUs / clients.cpus)
+    actors = sum(json.loads((run_dir / "placement.json").read_text())["client_actor_nodes"].values()) or 1
     rounds = []
     for h in hist:
         rows = h.get("clients", {}).values()
@@ -141,7 +142,7 @@ def run_point(root: Path, n: int, args) -> dict:
             "round_s": statistics.median(r["round_s"] for r in steady),
             "overhead_frac": statistics.median(r["overhead_frac"] for r in steady),
             "overhead_s": statistics.median(r["overhead_s"] for r in steady),
-            # what the engine and the coordinator add per sampled client's message, on one of the two actors
+            # what the engine and the coordinator add per sampled client's message, on one of the actors
             "overhead_ms_per_client": 1e3 * actors * statistics.median(r["overhead_s"] / r["reported"]
                                                                       for r in steady),
             "client_compute_s": statistics.median(r["client_compute_s"] for r in steady),
