@@ -98,8 +98,8 @@ class SimulationApp:
     """What Flower's simulation sends a client actor with every message to load the ClientApp from (its Ray
     backend calls ``app_fn()`` in the actor for each message). Flower's own ``app_fn`` is a closure over the
     ClientApp, which Ray's cloudpickle pickles by value for every message — walking ``sys.modules`` for each of
-    its functions, ~4 ms per message on the driver's thread (py-spy: a third of the driver's CPU at 100 clients
-    per round). This object pickles by reference (a module-level class and the site's fields) and builds the
+    its functions, ~4 ms per message on the driver's thread (py-spy: more than half of the driver's samples at 100
+    clients per round). This object pickles by reference (a module-level class and the site's fields) and builds the
     ClientApp once per process (``lifecycle.scalable_simulation`` hands it to Flower)."""
 
     _apps: ClassVar[dict[SimulatedSite, ClientApp]] = {}
