@@ -39,9 +39,9 @@ def apply_offline_env() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
-#: library warnings that are expected, not news (MLflow's, when the coordinator logs its datasets: integer label
-#: columns hold no missing values)
-QUIET_WARNINGS = (r".*Inferred schema contains integer column",)
+#: library warnings that are expected, not news (MLflow's, when the coordinator logs its datasets and model: the
+#: model's signature is given explicitly; integer label columns hold no missing values)
+QUIET_WARNINGS = (r".*Add type hints to the `predict` method", r".*Inferred schema contains integer column")
 
 #: library lines that are expected, not news: Flower's run_simulation deprecation notice, and the warning every
 #: client actor prints when the simulation ends and terminates it
